@@ -1,0 +1,287 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+
+	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/nbd"
+)
+
+// Config is the whole of mirrord's configuration: one YAML file, every key
+// overridable by MIRRORD_SECTION_KEY environment variables and --set
+// section.key=value flags. Unknown keys are errors, so a typo never falls
+// back to a default silently.
+type Config struct {
+	Volume VolumeConfig `mapstructure:"volume"`
+	NBD    NBDConfig    `mapstructure:"nbd"`
+	Log    LogConfig    `mapstructure:"log"`
+}
+
+// VolumeConfig is the local copy of the mirrored device.
+type VolumeConfig struct {
+	Name string `mapstructure:"name"`
+	// Path is a regular file (created sparse with Size if missing) or a
+	// block device.
+	Path       string   `mapstructure:"path"`
+	Size       ByteSize `mapstructure:"size"`
+	RegionSize ByteSize `mapstructure:"region-size"`
+}
+
+// NBDConfig is how clients reach the volume.
+type NBDConfig struct {
+	// Listen holds addresses "unix:/path" or "tcp:host:port".
+	Listen        []string `mapstructure:"listen"`
+	ReadOnly      bool     `mapstructure:"read-only"`
+	InflightBytes ByteSize `mapstructure:"inflight-bytes"`
+}
+
+// LogConfig selects verbosity and format.
+type LogConfig struct {
+	Level  string `mapstructure:"level"`  // debug, info, warn, error
+	Format string `mapstructure:"format"` // auto (console on a terminal), console, json
+}
+
+// Defaults: a volume that runs on a fresh host as root with nothing
+// configured. TCP listens on loopback only: NBD has no authentication.
+const (
+	DefaultVolumeName = "vol0"
+	DefaultVolumePath = "/var/lib/mirrord/vol0.img"
+	DefaultVolumeSize = 1 << 30
+	DefaultUnixSocket = "/run/mirrord/vol0.sock"
+	DefaultTCPListen  = "127.0.0.1:10809"
+)
+
+func setDefaults(v *viper.Viper) {
+	v.SetDefault("volume.name", DefaultVolumeName)
+	v.SetDefault("volume.path", DefaultVolumePath)
+	v.SetDefault("volume.size", fmt.Sprint(DefaultVolumeSize))
+	v.SetDefault("volume.region-size", fmt.Sprint(bitmap.DefaultRegionSize))
+	v.SetDefault("nbd.listen", []string{"unix:" + DefaultUnixSocket, "tcp:" + DefaultTCPListen})
+	v.SetDefault("nbd.read-only", false)
+	v.SetDefault("nbd.inflight-bytes", fmt.Sprint(nbd.DefaultInflightBytes))
+	v.SetDefault("log.level", "info")
+	v.SetDefault("log.format", "auto")
+}
+
+// configKeys lists every valid key, derived from the struct tags so that the
+// list cannot drift from Config.
+func configKeys() []string {
+	var keys []string
+	var walk func(t reflect.Type, prefix string)
+	walk = func(t reflect.Type, prefix string) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			name := prefix + f.Tag.Get("mapstructure")
+			if f.Type.Kind() == reflect.Struct {
+				walk(f.Type, name+".")
+				continue
+			}
+			keys = append(keys, name)
+		}
+	}
+	walk(reflect.TypeFor[Config](), "")
+	sort.Strings(keys)
+	return keys
+}
+
+func envName(key string) string {
+	return "MIRRORD_" + strings.NewReplacer(".", "_", "-", "_").Replace(strings.ToUpper(key))
+}
+
+// configFlags are the flags every subcommand that reads the config takes.
+type configFlags struct {
+	file string
+	set  []string
+}
+
+func (c *configFlags) register(fs *pflag.FlagSet) {
+	fs.StringVarP(&c.file, "config", "c", "", "YAML config file")
+	fs.StringArrayVar(&c.set, "set", nil, "override one key: --set section.key=value (repeatable)")
+}
+
+// loadConfig merges defaults, the file, the environment and --set flags (in
+// that order of precedence, lowest first) and validates the result.
+func loadConfig(cf configFlags) (*Config, error) {
+	v := viper.New()
+	setDefaults(v)
+	known := make(map[string]bool)
+	for _, k := range configKeys() {
+		known[k] = true
+	}
+	if cf.file != "" {
+		v.SetConfigFile(cf.file)
+		v.SetConfigType("yaml")
+		if err := v.ReadInConfig(); err != nil {
+			return nil, fmt.Errorf("config %s: %w", cf.file, err)
+		}
+		file := viper.New()
+		file.SetConfigFile(cf.file)
+		file.SetConfigType("yaml")
+		if err := file.ReadInConfig(); err != nil {
+			return nil, fmt.Errorf("config %s: %w", cf.file, err)
+		}
+		for _, k := range file.AllKeys() {
+			if !known[k] {
+				return nil, fmt.Errorf("config %s: unknown key %q (valid keys: %s)", cf.file, k, strings.Join(configKeys(), ", "))
+			}
+		}
+	}
+	envKeys := make(map[string]string)
+	for _, k := range configKeys() {
+		envKeys[envName(k)] = k
+		if err := v.BindEnv(k, envName(k)); err != nil {
+			return nil, err
+		}
+	}
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, "MIRRORD_") && envKeys[name] == "" {
+			return nil, fmt.Errorf("environment: unknown variable %s (it matches no config key)", name)
+		}
+	}
+	for _, s := range cf.set {
+		k, val, ok := strings.Cut(s, "=")
+		k = strings.ToLower(strings.TrimSpace(k))
+		if !ok {
+			return nil, fmt.Errorf("--set %q: want key=value", s)
+		}
+		if !known[k] {
+			return nil, fmt.Errorf("--set: unknown key %q (valid keys: %s)", k, strings.Join(configKeys(), ", "))
+		}
+		v.Set(k, val)
+	}
+
+	var c Config
+	err := v.UnmarshalExact(&c, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
+		mapstructure.TextUnmarshallerHookFunc(),
+		mapstructure.StringToSliceHookFunc(","),
+	)))
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// FieldError names the config key a bad value came from.
+type FieldError struct {
+	Key string
+	Msg string
+}
+
+func (e *FieldError) Error() string { return "config: " + e.Key + ": " + e.Msg }
+
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(key, format string, a ...any) {
+		errs = append(errs, &FieldError{Key: key, Msg: fmt.Sprintf(format, a...)})
+	}
+	if c.Volume.Name == "" || strings.ContainsAny(c.Volume.Name, "/ \t\n") {
+		bad("volume.name", "must be non-empty, without spaces or slashes (got %q)", c.Volume.Name)
+	}
+	if c.Volume.Path == "" {
+		bad("volume.path", "must be set")
+	}
+	if c.Volume.Size < 0 {
+		bad("volume.size", "must not be negative (got %d)", c.Volume.Size)
+	}
+	rs := int64(c.Volume.RegionSize)
+	if rs < 512 || rs > 1<<30 || rs&(rs-1) != 0 {
+		bad("volume.region-size", "must be a power of two from 512 to 1GiB (got %d)", rs)
+	}
+	if len(c.NBD.Listen) == 0 {
+		bad("nbd.listen", "needs at least one address")
+	}
+	for _, a := range c.NBD.Listen {
+		if _, _, err := parseListen(a); err != nil {
+			bad("nbd.listen", "%v", err)
+		}
+	}
+	if c.NBD.InflightBytes < nbd.MaxPayload {
+		bad("nbd.inflight-bytes", "must be at least %d, the largest request (got %d)", nbd.MaxPayload, c.NBD.InflightBytes)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "must be debug, info, warn or error (got %q)", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "auto", "console", "json":
+	default:
+		bad("log.format", "must be auto, console or json (got %q)", c.Log.Format)
+	}
+	return errors.Join(errs...)
+}
+
+// parseListen splits "unix:/path" or "tcp:host:port".
+func parseListen(a string) (network, addr string, err error) {
+	network, addr, ok := strings.Cut(a, ":")
+	if !ok || addr == "" {
+		return "", "", fmt.Errorf("address %q: want unix:/path or tcp:host:port", a)
+	}
+	switch network {
+	case "unix":
+		return network, addr, nil
+	case "tcp":
+		if _, port, ok := strings.Cut(addr, ":"); !ok || port == "" {
+			return "", "", fmt.Errorf("address %q: tcp needs host:port", a)
+		}
+		return network, addr, nil
+	}
+	return "", "", fmt.Errorf("address %q: network must be unix or tcp", a)
+}
+
+// ByteSize is a size in bytes that reads "4096", "4KiB", "512M", "1G" and
+// "1.5GiB" (K, M, G, T are binary multiples, as for disks in Linux tools).
+type ByteSize int64
+
+// UnmarshalText parses a size.
+func (b *ByteSize) UnmarshalText(text []byte) error {
+	n, err := ParseByteSize(string(text))
+	if err != nil {
+		return err
+	}
+	*b = ByteSize(n)
+	return nil
+}
+
+// ParseByteSize parses a size such as "1GiB".
+func ParseByteSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	unit := strings.TrimLeft(t, "0123456789.")
+	num := t[:len(t)-len(unit)]
+	mult := int64(1)
+	switch strings.ToLower(strings.TrimSpace(unit)) {
+	case "", "b":
+	case "k", "kb", "kib":
+		mult = 1 << 10
+	case "m", "mb", "mib":
+		mult = 1 << 20
+	case "g", "gb", "gib":
+		mult = 1 << 30
+	case "t", "tb", "tib":
+		mult = 1 << 40
+	default:
+		return 0, fmt.Errorf("size %q: unknown unit %q", s, unit)
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("size %q: not a number", s)
+	}
+	if f*float64(mult) > float64(1<<62) {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	return int64(f * float64(mult)), nil
+}

@@ -1,0 +1,142 @@
+// Command mirrord serves a mirrored block device over NBD.
+//
+//	mirrord run [--config FILE] [--set key=value]...   serve the volume
+//	mirrord version                                    print the version
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `mirrord: a block-level mirroring daemon
+
+Usage:
+  mirrord run [--config FILE] [--set key=value]...   serve the volume over NBD
+  mirrord config [--config FILE] [--set key=value]... print the effective config keys
+  mirrord version                                    print the version
+
+Run 'mirrord COMMAND --help' for a command's flags.
+`
+
+func main() {
+	os.Exit(realMain(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// errUsage marks errors that are the caller's wording, answered with exit 2.
+var errUsage = errors.New("usage")
+
+func realMain(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "run":
+		err = cmdRun(args[1:], stderr)
+	case "config":
+		err = cmdConfig(args[1:], stdout)
+	case "version", "--version":
+		fmt.Fprintln(stdout, versionString())
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "mirrord: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		fmt.Fprintf(stderr, "mirrord %s: %v\n", args[0], err)
+		if errors.Is(err, errUsage) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
+
+func versionString() string {
+	rev := "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				rev = s.Value
+				if len(rev) > 12 {
+					rev = rev[:12]
+				}
+			}
+		}
+	}
+	return fmt.Sprintf("mirrord %s (commit %s, %s, %s/%s)", version, rev, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+// newFlagSet returns a flag set that reports errors instead of exiting.
+func newFlagSet(name string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("mirrord "+name, pflag.ContinueOnError)
+	fs.SortFlags = false
+	return fs
+}
+
+func parseFlags(fs *pflag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
+	}
+	return nil
+}
+
+// newLogger builds the process logger: human-readable on a terminal, JSON
+// lines otherwise (for journald and log shippers).
+func newLogger(c LogConfig, w *os.File) zerolog.Logger {
+	level, _ := zerolog.ParseLevel(c.Level)
+	var out io.Writer = w
+	console := c.Format == "console"
+	if c.Format == "auto" {
+		_, err := unix.IoctlGetTermios(int(w.Fd()), unix.TCGETS)
+		console = err == nil
+	}
+	if console {
+		out = zerolog.ConsoleWriter{Out: w, TimeFormat: time.TimeOnly}
+	}
+	return zerolog.New(out).Level(level).With().Timestamp().Logger()
+}
+
+func cmdConfig(args []string, stdout io.Writer) error {
+	fs := newFlagSet("config")
+	var cf configFlags
+	cf.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	c, err := loadConfig(cf)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "volume.name: %s\nvolume.path: %s\nvolume.size: %d\nvolume.region-size: %d\n",
+		c.Volume.Name, c.Volume.Path, c.Volume.Size, c.Volume.RegionSize)
+	fmt.Fprintf(stdout, "nbd.listen: %s\nnbd.read-only: %t\nnbd.inflight-bytes: %d\n",
+		strings.Join(c.NBD.Listen, ","), c.NBD.ReadOnly, c.NBD.InflightBytes)
+	fmt.Fprintf(stdout, "log.level: %s\nlog.format: %s\n", c.Log.Level, c.Log.Format)
+	return nil
+}

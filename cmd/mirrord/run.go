@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/mirrord/mirrord/mirror"
+	"github.com/mirrord/mirrord/nbd"
+)
+
+// shutdownGrace is how long in-flight requests get to finish on SIGTERM
+// before connections are cut.
+const shutdownGrace = 30 * time.Second
+
+func cmdRun(args []string, stderr io.Writer) error {
+	fs := newFlagSet("run")
+	var cf configFlags
+	cf.register(fs)
+	path := fs.String("path", "", "backing file or block device (volume.path)")
+	size := fs.String("size", "", "size when creating the backing file (volume.size)")
+	listen := fs.StringSlice("listen", nil, "unix:/path or tcp:host:port, repeatable (nbd.listen)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	// The shortcut flags are --set in disguise, so they share its checks.
+	if *path != "" {
+		cf.set = append(cf.set, "volume.path="+*path)
+	}
+	if *size != "" {
+		cf.set = append(cf.set, "volume.size="+*size)
+	}
+	if len(*listen) > 0 {
+		cf.set = append(cf.set, "nbd.listen="+strings.Join(*listen, ","))
+	}
+	c, err := loadConfig(cf)
+	if err != nil {
+		return err
+	}
+	log := newLogger(c.Log, os.Stderr).With().Str("volume", c.Volume.Name).Logger()
+	return run(c, log)
+}
+
+func run(c *Config, log zerolog.Logger) error {
+	if err := os.MkdirAll(filepath.Dir(c.Volume.Path), 0o755); err != nil {
+		return fmt.Errorf("volume.path: %w", err)
+	}
+	vol, err := mirror.Open(c.Volume.Path, mirror.Options{
+		Size:       int64(c.Volume.Size),
+		RegionSize: int64(c.Volume.RegionSize),
+	})
+	if err != nil {
+		return err
+	}
+	srv, err := nbd.NewServer(log, nbd.Export{
+		Name:        c.Volume.Name,
+		Description: "mirrord volume " + c.Volume.Name,
+		Device:      vol,
+		ReadOnly:    c.NBD.ReadOnly,
+	})
+	if err != nil {
+		_ = vol.Close()
+		return err
+	}
+	srv.InflightBytes = int64(c.NBD.InflightBytes)
+
+	var listeners []net.Listener
+	for _, a := range c.NBD.Listen {
+		l, err := listen(a)
+		if err != nil {
+			for _, l := range listeners {
+				_ = l.Close()
+			}
+			_ = vol.Close()
+			return fmt.Errorf("nbd.listen: %w", err)
+		}
+		listeners = append(listeners, l)
+	}
+	serveErr := make(chan error, len(listeners))
+	for _, l := range listeners {
+		go func() { serveErr <- srv.Serve(l) }()
+	}
+	log.Info().Str("path", vol.Path()).Int64("size", vol.Size()).
+		Strs("listen", c.NBD.Listen).Bool("read_only", c.NBD.ReadOnly).
+		Str("version", version).Msg("serving")
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	var runErr error
+	select {
+	case s := <-sig:
+		log.Info().Str("signal", s.String()).Msg("shutting down")
+	case err := <-serveErr:
+		runErr = fmt.Errorf("serve: %w", err)
+		log.Error().Err(err).Msg("listener failed, shutting down")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		runErr = errors.Join(runErr, err)
+	}
+	if err := vol.Close(); err != nil {
+		runErr = errors.Join(runErr, err)
+	}
+	if runErr == nil {
+		log.Info().Msg("stopped cleanly")
+	}
+	return runErr
+}
+
+// listen opens one listener. A unix socket left behind by a process that
+// died is removed; one that still answers is in use and refused.
+func listen(a string) (net.Listener, error) {
+	network, addr, err := parseListen(a)
+	if err != nil {
+		return nil, err
+	}
+	if network == "unix" {
+		if err := os.MkdirAll(filepath.Dir(addr), 0o755); err != nil {
+			return nil, err
+		}
+		if _, err := os.Stat(addr); err == nil {
+			if c, err := net.DialTimeout("unix", addr, time.Second); err == nil {
+				_ = c.Close()
+				return nil, fmt.Errorf("%s: another server is listening there", addr)
+			}
+			_ = os.Remove(addr)
+		}
+	}
+	return net.Listen(network, addr)
+}

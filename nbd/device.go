@@ -1,0 +1,63 @@
+package nbd
+
+// Device is the block device behind an export.
+//
+// Concurrency: every method may be called from many goroutines at once, from
+// one or many connections, with overlapping ranges (NBD leaves the order of
+// overlapping in-flight requests to the client; the device only has to keep
+// each call atomic with respect to its own buffer).
+//
+// Buffers: p belongs to the server; the device must not retain it after the
+// call returns (the io.WriterAt contract).
+//
+// Errors: an error fails that one request; the connection stays up. The NBD
+// error code is taken from the syscall.Errno the error wraps (EPERM for a
+// volume that is not writable here, ENOSPC for a full disk, ESHUTDOWN for a
+// volume being closed), and is EIO otherwise. Whether an error fences the
+// whole volume is the device's business, not the server's.
+type Device interface {
+	// Size is the export size in bytes. It is read once per connection.
+	Size() int64
+	// ReadAt fills p from offset off; the range is within Size.
+	ReadAt(p []byte, off int64) error
+	// WriteAt writes p at off. With fua set the data must be on stable
+	// storage when it returns.
+	WriteAt(p []byte, off int64, fua bool) error
+	// Flush makes every write that completed before the call stable.
+	Flush() error
+}
+
+// Trimmer is implemented by devices that can discard a range. Without it the
+// server still advertises TRIM (it is advisory) and answers it as a no-op.
+// After a successful Trim the range reads back as zeroes.
+type Trimmer interface {
+	Trim(off, length int64, fua bool) error
+}
+
+// Zeroer is implemented by devices that can zero a range without a data
+// buffer. mayUnmap is false when the client sent NO_HOLE. Without it the
+// server writes zero buffers through WriteAt.
+type Zeroer interface {
+	WriteZeroes(off, length int64, mayUnmap, fua bool) error
+}
+
+// Export is one named volume offered to clients.
+type Export struct {
+	// Name is what clients ask for; the empty name, which clients send by
+	// default, selects the first export.
+	Name        string
+	Description string
+	Device      Device
+	// ReadOnly exports refuse WRITE, TRIM and WRITE_ZEROES with EPERM and
+	// advertise READ_ONLY.
+	ReadOnly bool
+}
+
+func (e *Export) transmissionFlags() uint16 {
+	f := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim |
+		FlagSendWriteZeroes | FlagCanMultiConn
+	if e.ReadOnly {
+		f |= FlagReadOnly
+	}
+	return f
+}

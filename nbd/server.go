@@ -1,0 +1,542 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pojntfx/go-nbd/pkg/protocol"
+	"github.com/rs/zerolog"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Defaults for Server tunables.
+const (
+	// DefaultInflightBytes bounds the payload memory one connection may hold
+	// in requests not yet answered. Each request is charged at least
+	// minRequestCost, so it also bounds the request count (256).
+	DefaultInflightBytes = 64 << 20
+	minRequestCost       = 256 << 10
+
+	// readBufferSize lets one read syscall pick up a whole queue of small
+	// requests at depth 32.
+	readBufferSize = 256 << 10
+	// Replies are gathered while more are about to be written; one larger
+	// than directReply goes out with writev instead of being copied.
+	flushThreshold = 128 << 10
+	directReply    = 32 << 10
+
+	// handshakeTimeout stops a client that connects and says nothing from
+	// holding a connection forever.
+	handshakeTimeout = 30 * time.Second
+)
+
+// Stats are cumulative counters across all connections.
+type Stats struct {
+	Connections  uint64 `json:"connections"`
+	Reads        uint64 `json:"reads"`
+	Writes       uint64 `json:"writes"`
+	Flushes      uint64 `json:"flushes"`
+	FUAWrites    uint64 `json:"fua_writes"`
+	Trims        uint64 `json:"trims"`
+	WriteZeroes  uint64 `json:"write_zeroes"`
+	BytesRead    uint64 `json:"bytes_read"`
+	BytesWritten uint64 `json:"bytes_written"`
+	Errors       uint64 `json:"errors"`
+}
+
+type counters struct {
+	conns, reads, writes, flushes, fuas, trims, zeroes atomic.Uint64
+	bytesRead, bytesWritten, errors                    atomic.Uint64
+}
+
+// Server serves exports over any number of listeners and connections.
+type Server struct {
+	// InflightBytes is the per-connection budget of unanswered payload.
+	InflightBytes int64
+
+	log     zerolog.Logger
+	exports []*Export
+	stats   counters
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	wg        sync.WaitGroup
+}
+
+// NewServer returns a server for the given exports (at least one; names
+// unique).
+func NewServer(log zerolog.Logger, exports ...Export) (*Server, error) {
+	if len(exports) == 0 {
+		return nil, errors.New("nbd: no exports")
+	}
+	s := &Server{
+		InflightBytes: DefaultInflightBytes,
+		log:           log,
+		listeners:     make(map[net.Listener]struct{}),
+		conns:         make(map[*conn]struct{}),
+	}
+	seen := make(map[string]bool)
+	for i := range exports {
+		e := exports[i]
+		if e.Device == nil {
+			return nil, fmt.Errorf("nbd: export %q has no device", e.Name)
+		}
+		if seen[e.Name] {
+			return nil, fmt.Errorf("nbd: duplicate export %q", e.Name)
+		}
+		seen[e.Name] = true
+		s.exports = append(s.exports, &e)
+	}
+	return s, nil
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Server) Stats() Stats {
+	c := &s.stats
+	return Stats{
+		Connections: c.conns.Load(), Reads: c.reads.Load(), Writes: c.writes.Load(),
+		Flushes: c.flushes.Load(), FUAWrites: c.fuas.Load(), Trims: c.trims.Load(),
+		WriteZeroes: c.zeroes.Load(), BytesRead: c.bytesRead.Load(),
+		BytesWritten: c.bytesWritten.Load(), Errors: c.errors.Load(),
+	}
+}
+
+// Serve accepts connections on l until Shutdown (ErrServerClosed) or an
+// accept error.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		s.ServeConn(nc)
+	}
+}
+
+// ServeConn serves one already-connected client (a socketpair handed to the
+// kernel, say) in the background. The server owns nc from now on.
+func (s *Server) ServeConn(nc net.Conn) {
+	c := &conn{
+		s:   s,
+		nc:  nc,
+		br:  bufio.NewReaderSize(nc, readBufferSize),
+		log: s.log.With().Str("client", remoteName(nc)).Logger(),
+	}
+	c.budget.max = s.InflightBytes
+	c.budget.cond.L = &c.budget.mu
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		_ = nc.Close()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	s.stats.conns.Add(1)
+	go func() {
+		defer s.wg.Done()
+		c.serve()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+	}()
+}
+
+// Shutdown stops accepting, stops reading new requests, lets the requests
+// already received finish and be answered, flushes every export and closes
+// the connections. If ctx ends first the connections are closed at once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	for l := range s.listeners {
+		_ = l.Close()
+	}
+	for c := range s.conns {
+		c.stop()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.conns {
+			_ = c.nc.Close()
+		}
+		s.mu.Unlock()
+		<-done
+	}
+	var errs []error
+	for _, e := range s.exports {
+		if e.ReadOnly {
+			continue
+		}
+		if err := e.Device.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush export %q: %w", e.Name, err))
+		}
+	}
+	return errors.Join(append(errs, ctx.Err())...)
+}
+
+func remoteName(nc net.Conn) string {
+	if a := nc.RemoteAddr(); a != nil && a.String() != "" {
+		return a.String()
+	}
+	return "local"
+}
+
+// budget bounds the payload held by unanswered requests of one connection.
+// One request is always admitted, however large, so progress is certain.
+type budget struct {
+	mu         sync.Mutex
+	cond       sync.Cond
+	used, max  int64
+	requestsIn int
+}
+
+func (b *budget) acquire(n int64) {
+	b.mu.Lock()
+	for b.requestsIn > 0 && b.used+n > b.max {
+		b.cond.Wait()
+	}
+	b.used += n
+	b.requestsIn++
+	b.mu.Unlock()
+}
+
+func (b *budget) release(n int64) {
+	b.mu.Lock()
+	b.used -= n
+	b.requestsIn--
+	b.mu.Unlock()
+	b.cond.Signal()
+}
+
+// request is one decoded transmission request; the header struct is go-nbd's.
+type request struct {
+	protocol.TransmissionRequestHeader
+	buf  *[]byte // WRITE payload, or nil
+	cost int64
+}
+
+type conn struct {
+	s   *Server
+	nc  net.Conn
+	br  *bufio.Reader
+	exp *Export
+	log zerolog.Logger
+
+	budget   budget
+	active   atomic.Int32 // requests dispatched, not yet answered
+	handlers sync.WaitGroup
+	stopping atomic.Bool
+
+	wmu     sync.Mutex
+	wbuf    []byte
+	pending atomic.Int32 // replies ready to be written
+	werr    error
+}
+
+// stop makes the reader return at its next read; requests already read are
+// still answered.
+func (c *conn) stop() {
+	c.stopping.Store(true)
+	_ = c.nc.SetReadDeadline(time.Now())
+}
+
+func (c *conn) serve() {
+	defer func() { _ = c.nc.Close() }()
+	_ = c.nc.SetDeadline(time.Now().Add(handshakeTimeout))
+	// stop() sets stopping before its read deadline, so checking after our
+	// own deadline is set means a concurrent Shutdown is never missed.
+	if c.stopping.Load() {
+		return
+	}
+	bw := bufio.NewWriterSize(c.nc, 4096)
+	neg := negotiation{r: c.br, w: bw, exports: c.s.exports}
+	exp, err := neg.run()
+	if err != nil {
+		if !errors.Is(err, ErrAborted) && !errors.Is(err, io.EOF) {
+			c.log.Info().Err(err).Msg("handshake failed")
+		}
+		return
+	}
+	_ = c.nc.SetDeadline(time.Time{})
+	if c.stopping.Load() {
+		return
+	}
+	c.exp = exp
+	c.log = c.log.With().Str("export", exp.Name).Logger()
+	c.log.Debug().Msg("client connected")
+
+	graceful := c.transmit()
+
+	c.handlers.Wait()
+	if graceful && !exp.ReadOnly {
+		if err := exp.Device.Flush(); err != nil {
+			c.log.Error().Err(err).Msg("flush on disconnect failed")
+		}
+	}
+	c.log.Debug().Bool("graceful", graceful).Msg("client disconnected")
+}
+
+// transmit reads requests until DISC, shutdown or a broken stream. It
+// reports whether the end was orderly (DISC or shutdown).
+func (c *conn) transmit() (graceful bool) {
+	size := uint64(c.exp.Device.Size())
+	var h [requestHeaderSize]byte
+	for {
+		if _, err := io.ReadFull(c.br, h[:]); err != nil {
+			if c.stopping.Load() {
+				return true
+			}
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				c.log.Info().Err(err).Msg("connection lost")
+			}
+			return false
+		}
+		r := request{TransmissionRequestHeader: protocol.TransmissionRequestHeader{
+			RequestMagic: binary.BigEndian.Uint32(h[0:]),
+			CommandFlags: binary.BigEndian.Uint16(h[4:]),
+			Type:         binary.BigEndian.Uint16(h[6:]),
+			Handle:       binary.BigEndian.Uint64(h[8:]),
+			Offset:       binary.BigEndian.Uint64(h[16:]),
+			Length:       binary.BigEndian.Uint32(h[24:]),
+		}}
+		if r.RequestMagic != magicRequest {
+			// Without a valid magic we cannot find the next request.
+			c.log.Warn().Uint32("magic", r.RequestMagic).Msg("bad request magic, closing")
+			return false
+		}
+		if r.Type == CmdDisc {
+			return true
+		}
+		errno := c.check(&r, size)
+		if r.Type == CmdWrite {
+			if errno != 0 {
+				// Drain the payload so the stream stays in step, then refuse.
+				if _, err := io.CopyN(io.Discard, c.br, int64(r.Length)); err != nil {
+					return false
+				}
+			} else {
+				r.buf = getBuf(int(r.Length))
+				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+					putBuf(r.buf)
+					c.log.Info().Err(err).Msg("connection lost in write payload")
+					return false
+				}
+			}
+		}
+		if errno != 0 {
+			c.s.stats.errors.Add(1)
+			c.reply(r.Handle, errno, nil)
+			continue
+		}
+		r.cost = max(int64(r.Length), minRequestCost)
+		c.budget.acquire(r.cost)
+		c.handlers.Add(1)
+		// A lone read or write is served on this goroutine: at queue depth
+		// one, handing it to another goroutine only adds a wake-up to the
+		// latency. Anything that may block for long (flush, the replicated
+		// write in later modes is still a WriteAt) waits its turn only when
+		// nothing else is queued.
+		if (r.Type == CmdRead || r.Type == CmdWrite) && c.br.Buffered() == 0 && c.active.Load() == 0 {
+			c.active.Add(1)
+			c.handle(&r)
+		} else {
+			c.active.Add(1)
+			go c.handle(&r)
+		}
+	}
+}
+
+// check validates a request against the export; it returns the NBD error
+// to answer with, or 0.
+func (c *conn) check(r *request, size uint64) uint32 {
+	var allowed uint16
+	switch r.Type {
+	case CmdRead:
+	case CmdWrite:
+		allowed = CmdFlagFUA
+	case CmdFlush:
+		allowed = CmdFlagFUA
+		if r.Offset != 0 || r.Length != 0 {
+			return ErrnoInval
+		}
+	case CmdTrim:
+		allowed = CmdFlagFUA
+	case CmdWriteZeroes:
+		allowed = CmdFlagFUA | CmdFlagNoHole
+	default:
+		return ErrnoInval
+	}
+	if r.CommandFlags&^allowed != 0 {
+		return ErrnoInval
+	}
+	if r.Type == CmdFlush {
+		return 0
+	}
+	if c.exp.ReadOnly && r.Type != CmdRead {
+		return ErrnoPerm
+	}
+	if (r.Type == CmdRead || r.Type == CmdWrite) && r.Length > MaxPayload {
+		return ErrnoInval
+	}
+	if r.Length == 0 {
+		return ErrnoInval
+	}
+	if r.Offset > size || uint64(r.Length) > size-r.Offset {
+		if r.Type == CmdWrite || r.Type == CmdWriteZeroes {
+			return ErrnoNoSpace // as the spec asks for writes past the end
+		}
+		return ErrnoInval
+	}
+	return 0
+}
+
+func (c *conn) handle(r *request) {
+	defer c.handlers.Done()
+	dev := c.exp.Device
+	off, n := int64(r.Offset), int64(r.Length)
+	fua := r.CommandFlags&CmdFlagFUA != 0
+	st := &c.s.stats
+	var err error
+	var data *[]byte
+	switch r.Type {
+	case CmdRead:
+		data = getBuf(int(n))
+		err = dev.ReadAt(*data, off)
+		st.reads.Add(1)
+		st.bytesRead.Add(uint64(n))
+	case CmdWrite:
+		err = dev.WriteAt(*r.buf, off, fua)
+		putBuf(r.buf)
+		st.writes.Add(1)
+		st.bytesWritten.Add(uint64(n))
+		if fua {
+			st.fuas.Add(1)
+		}
+	case CmdFlush:
+		err = dev.Flush()
+		st.flushes.Add(1)
+	case CmdTrim:
+		if t, ok := dev.(Trimmer); ok {
+			err = t.Trim(off, n, fua)
+		} else if fua {
+			err = dev.Flush()
+		}
+		st.trims.Add(1)
+	case CmdWriteZeroes:
+		err = writeZeroes(dev, off, n, r.CommandFlags&CmdFlagNoHole == 0, fua)
+		st.zeroes.Add(1)
+	}
+	c.budget.release(r.cost)
+	errno := uint32(0)
+	if err != nil {
+		errno = errnoOf(err)
+		st.errors.Add(1)
+		c.log.Warn().Err(err).Uint16("cmd", r.Type).Int64("offset", off).Int64("length", n).
+			Uint32("nbd_errno", errno).Msg("request failed")
+	}
+	if data != nil {
+		if errno == 0 {
+			c.reply(r.Handle, 0, *data)
+		} else {
+			c.reply(r.Handle, errno, nil)
+		}
+		putBuf(data)
+	} else {
+		c.reply(r.Handle, errno, nil)
+	}
+	c.active.Add(-1)
+}
+
+// zeroChunk is the most zero data writeZeroes sends per WriteAt when the
+// device has no Zeroer.
+const zeroChunk = 1 << 20
+
+var zeroes = make([]byte, zeroChunk)
+
+func writeZeroes(dev Device, off, n int64, mayUnmap, fua bool) error {
+	if z, ok := dev.(Zeroer); ok {
+		return z.WriteZeroes(off, n, mayUnmap, fua)
+	}
+	for n > 0 {
+		k := min(n, zeroChunk)
+		if err := dev.WriteAt(zeroes[:k], off, fua); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// reply queues one simple reply. Replies are batched: the last writer of a
+// burst (pending drops to zero) sends them all in one syscall.
+func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
+	c.pending.Add(1)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr == nil {
+		var h [replyHeaderSize]byte
+		binary.BigEndian.PutUint32(h[0:], magicReply)
+		binary.BigEndian.PutUint32(h[4:], errno)
+		binary.BigEndian.PutUint64(h[8:], cookie)
+		c.wbuf = append(c.wbuf, h[:]...)
+		if len(data) >= directReply {
+			bufs := net.Buffers{c.wbuf, data}
+			_, c.werr = bufs.WriteTo(c.nc)
+			c.wbuf = c.wbuf[:0]
+		} else {
+			c.wbuf = append(c.wbuf, data...)
+		}
+	}
+	if c.pending.Add(-1) == 0 || len(c.wbuf) >= flushThreshold {
+		if c.werr == nil && len(c.wbuf) > 0 {
+			_, c.werr = c.nc.Write(c.wbuf)
+		}
+		c.wbuf = c.wbuf[:0]
+	}
+	if c.werr != nil {
+		// The client is gone; closing the socket stops the reader too.
+		_ = c.nc.Close()
+	}
+}
