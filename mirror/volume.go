@@ -1,6 +1,6 @@
 // Package mirror owns the Volume: the local backing store behind the NBD
-// export, its durability, and the dirty-region bitmap that records what the
-// peer does not hold yet. Replication to peers builds on it.
+// export, its durability, its role, its metadata (generation identifiers,
+// activity log, dirty bitmap) and its replication to a peer.
 package mirror
 
 import (
@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
+	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
 	"github.com/mirrord/mirrord/bitmap"
@@ -18,68 +20,177 @@ import (
 
 // Errors a Volume returns. Each wraps the errno the NBD server sends.
 var (
-	ErrClosed = fmt.Errorf("volume closed: %w", syscall.ESHUTDOWN)
-	ErrShort  = fmt.Errorf("backing store shorter than volume: %w", syscall.EIO)
+	ErrClosed       = fmt.Errorf("volume closed: %w", syscall.ESHUTDOWN)
+	ErrShort        = fmt.Errorf("backing store shorter than volume: %w", syscall.EIO)
+	ErrNotPrimary   = fmt.Errorf("volume is not Primary on this node: %w", syscall.EPERM)
+	ErrInconsistent = errors.New("local disk is Inconsistent: it cannot be promoted (wait for the resync to finish, or use --force to accept data loss)")
+	ErrPeerPrimary  = errors.New("the peer is Primary: demote it first (or use switchover)")
+	ErrNoPeer       = errors.New("no peer configured")
+	ErrNotConnected = errors.New("peer not connected")
 )
 
 // Options configure Open.
 type Options struct {
+	// Name identifies the volume to peers.
+	Name string
+	// Node is this host's name (peers must have distinct names).
+	Node string
 	// Size creates the backing file with this size if it does not exist.
 	// An existing store of another size is refused: resizing is explicit.
 	Size int64
 	// RegionSize is the bitmap granularity (bitmap.DefaultRegionSize if 0).
 	RegionSize int64
+	// MetaPath, when set, keeps generation identifiers, role, disk state,
+	// the activity log and the bitmap on disk. Required with a peer.
+	MetaPath string
+	// ALExtents is the activity-log size (DefaultALExtents if 0).
+	ALExtents uint32
+	// Peer, when set, replicates to one peer.
+	Peer *PeerConfig
+	Log  zerolog.Logger
 }
 
 // Volume is the local copy of a mirrored block device. It implements the
 // nbd Device, Trimmer and Zeroer interfaces.
 //
 // Concurrency: all methods are safe for concurrent use; overlapping writes
-// land in an unspecified order, as on a disk. Buffers are not retained.
-// Errors wrap a syscall.Errno; an I/O error fails the one request and does
-// not fence the volume.
+// land in an unspecified order, as on a disk, but the same order on both
+// replicas. Buffers are not retained. Errors wrap a syscall.Errno: EPERM
+// when the volume is not Primary here, ESHUTDOWN after Close, the backing
+// store's errno otherwise. A failed peer never fails a write: the region is
+// marked out of sync instead.
 type Volume struct {
+	name     string
+	node     string
 	path     string
 	f        *os.File
 	fd       int
 	size     int64
 	blockDev bool
 	dirty    *bitmap.Bitmap
-	closed   atomic.Bool
+	log      zerolog.Logger
+
+	meta     *meta         // nil for a standalone volume
+	al       *activityLog  // nil without meta
+	link     *link         // nil without a peer
+	ev       eventBus      // state changes
+	rl       rangeLocks    // overlapping writes, resync and verify
+	gate     sync.RWMutex  // writes hold it shared; role changes exclusively
+	role     atomic.Uint32 // Role
+	disk     atomic.Uint32 // DiskState
+	pristine atomic.Bool   // created zero-filled by us and never written
+
+	closed atomic.Bool
 }
 
 // Open opens (or creates, see Options.Size) the backing file or block
-// device at path.
+// device at path. A volume without MetaPath is standalone and Primary; one
+// with metadata starts Secondary, as DRBD resources do: promotion is an
+// explicit act.
 func Open(path string, opts Options) (*Volume, error) {
 	if opts.RegionSize == 0 {
 		opts.RegionSize = bitmap.DefaultRegionSize
 	}
+	if opts.ALExtents == 0 {
+		opts.ALExtents = DefaultALExtents
+	}
+	if opts.Name == "" {
+		opts.Name = "vol0"
+	}
+	created := false
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if errors.Is(err, os.ErrNotExist) && opts.Size > 0 {
 		f, err = createSparse(path, opts.Size)
+		created = err == nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open backing store: %w", err)
 	}
-	v := &Volume{path: path, f: f, fd: int(f.Fd())}
-	if err := v.probe(); err != nil {
+	v := &Volume{name: opts.Name, node: opts.Node, path: path, f: f, fd: int(f.Fd()), log: opts.Log}
+	fail := func(err error) (*Volume, error) {
+		if v.meta != nil {
+			_ = v.meta.close()
+		}
 		_ = f.Close()
+		if created {
+			_ = os.Remove(path)
+		}
 		return nil, err
+	}
+	if err := v.probe(); err != nil {
+		return fail(err)
 	}
 	if opts.Size > 0 && opts.Size != v.size {
-		_ = f.Close()
-		return nil, fmt.Errorf("backing store %s is %d bytes, configured size is %d: refusing to resize", path, v.size, opts.Size)
+		return fail(fmt.Errorf("backing store %s is %d bytes, configured size is %d: refusing to resize", path, v.size, opts.Size))
 	}
 	if v.size == 0 {
-		_ = f.Close()
-		return nil, fmt.Errorf("backing store %s is empty", path)
+		return fail(fmt.Errorf("backing store %s is empty", path))
 	}
-	v.dirty, err = bitmap.New(v.size, opts.RegionSize)
-	if err != nil {
-		_ = f.Close()
-		return nil, err
+	if v.dirty, err = bitmap.New(v.size, opts.RegionSize); err != nil {
+		return fail(err)
+	}
+	if opts.MetaPath == "" {
+		if opts.Peer != nil {
+			return fail(errors.New("a peer needs a metadata file"))
+		}
+		v.role.Store(uint32(RolePrimary))
+		v.disk.Store(uint32(DiskUpToDate))
+		return v, nil
+	}
+	if err := v.openMeta(opts, created); err != nil {
+		return fail(err)
+	}
+	if opts.Peer != nil {
+		l, err := newLink(v, *opts.Peer)
+		if err != nil {
+			return fail(err)
+		}
+		v.link = l
+		l.start()
 	}
 	return v, nil
+}
+
+func (v *Volume) openMeta(opts Options, created bool) error {
+	m, newMeta, err := openMeta(opts.MetaPath, v.size, opts.RegionSize, opts.ALExtents, created)
+	if err != nil {
+		return err
+	}
+	v.meta = m
+	sb := m.snapshot()
+	if !newMeta {
+		words, err := m.readBitmapWords((v.dirty.Regions() + 63) / 64)
+		if err != nil {
+			return err
+		}
+		if err := v.dirty.LoadWords(words); err != nil {
+			return fmt.Errorf("%w: %v", ErrMetaCorrupt, err)
+		}
+	}
+	clean := sb.flags&flagClean != 0
+	if v.al, err = openActivityLog(m, v.dirty, clean); err != nil {
+		return err
+	}
+	if !clean {
+		v.log.Warn().Int64("out_of_sync_bytes", v.dirty.DirtyBytes()).
+			Msg("unclean shutdown: activity-log extents marked out of sync")
+		if err := v.al.persistAll(); err != nil {
+			return err
+		}
+	}
+	disk := sb.disk
+	if newMeta && created {
+		// A store we created is all zeroes: consistent by construction.
+		disk = DiskUpToDate
+	}
+	v.disk.Store(uint32(disk))
+	v.role.Store(uint32(RoleSecondary))
+	v.pristine.Store(sb.flags&flagPristine != 0)
+	return m.update(func(s *superblock) {
+		s.flags &^= flagClean
+		s.disk = disk
+		s.role = RoleSecondary
+	})
 }
 
 func createSparse(path string, size int64) (*os.File, error) {
@@ -122,14 +233,25 @@ func (v *Volume) Size() int64 { return v.size }
 // Path is the backing store's path.
 func (v *Volume) Path() string { return v.path }
 
-// Dirty is the bitmap of regions written since they were last marked clean.
+// Dirty is the bitmap of regions the peer may lack.
 func (v *Volume) Dirty() *bitmap.Bitmap { return v.dirty }
 
-// ReadAt reads len(p) bytes at off.
+// Role is the current role.
+func (v *Volume) Role() Role { return Role(v.role.Load()) }
+
+// Disk is the local disk state.
+func (v *Volume) Disk() DiskState { return DiskState(v.disk.Load()) }
+
+// ReadAt reads len(p) bytes at off. Reads are served in any role: a
+// Secondary's disk is readable for verification and backups.
 func (v *Volume) ReadAt(p []byte, off int64) error {
 	if v.closed.Load() {
 		return ErrClosed
 	}
+	return v.pread(p, off)
+}
+
+func (v *Volume) pread(p []byte, off int64) error {
 	for len(p) > 0 {
 		n, err := unix.Pread(v.fd, p, off)
 		if err == unix.EINTR {
@@ -146,15 +268,81 @@ func (v *Volume) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
-// WriteAt marks the range dirty, then writes it; with fua the data is on
-// stable storage when WriteAt returns. Marking first means a crash between
-// the two can only over-report dirty regions, never miss one.
+// op is one modification of the volume.
+type op struct {
+	kind     opKind
+	p        []byte // opWrite
+	off, n   int64
+	fua      bool
+	mayUnmap bool // opZero
+}
+
+type opKind uint8
+
+const (
+	opWrite opKind = iota
+	opZero
+)
+
+// WriteAt writes p at off; with fua the data is on stable storage (on both
+// replicas in sync mode) when WriteAt returns.
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
+	return v.modify(op{kind: opWrite, p: p, off: off, n: int64(len(p)), fua: fua})
+}
+
+// Trim discards the range; it reads back as zeroes afterwards, on both
+// replicas.
+func (v *Volume) Trim(off, length int64, fua bool) error {
+	return v.modify(op{kind: opZero, off: off, n: length, fua: fua, mayUnmap: true})
+}
+
+// WriteZeroes zeroes the range, deallocating it when mayUnmap allows.
+func (v *Volume) WriteZeroes(off, length int64, mayUnmap, fua bool) error {
+	return v.modify(op{kind: opZero, off: off, n: length, fua: fua, mayUnmap: mayUnmap})
+}
+
+func (v *Volume) modify(o op) error {
+	v.gate.RLock()
+	defer v.gate.RUnlock()
 	if v.closed.Load() {
 		return ErrClosed
 	}
-	v.dirty.Set(off, int64(len(p)))
-	return v.pwrite(p, off, fua)
+	if Role(v.role.Load()) != RolePrimary {
+		return ErrNotPrimary
+	}
+	if v.pristine.Load() {
+		if err := v.clearPristine(); err != nil {
+			return err
+		}
+	}
+	if v.link == nil {
+		// Marking before writing means a crash between the two can only
+		// over-report a dirty region, never miss one.
+		v.dirty.Set(o.off, o.n)
+		return v.apply(o)
+	}
+	return v.link.replicate(o)
+}
+
+func (v *Volume) clearPristine() error {
+	if v.meta == nil || !v.pristine.Swap(false) {
+		return nil
+	}
+	return v.meta.update(func(s *superblock) { s.flags &^= flagPristine })
+}
+
+// apply performs o on the local store only.
+func (v *Volume) apply(o op) error {
+	if o.kind == opWrite {
+		return v.pwrite(o.p, o.off, o.fua)
+	}
+	if err := v.zero(o.off, o.n, o.mayUnmap); err != nil {
+		return fmt.Errorf("zero %d@%d: %w", o.n, o.off, err)
+	}
+	if o.fua {
+		return v.syncData()
+	}
+	return nil
 }
 
 func (v *Volume) pwrite(p []byte, off int64, fua bool) error {
@@ -183,33 +371,24 @@ func (v *Volume) pwrite(p []byte, off int64, fua bool) error {
 	return nil
 }
 
-// Flush makes every completed write stable (fdatasync).
+// Flush makes every completed write stable: on this disk, and in sync mode
+// on the peer's.
 func (v *Volume) Flush() error {
 	if v.closed.Load() {
 		return ErrClosed
 	}
-	if err := unix.Fdatasync(v.fd); err != nil {
-		return fmt.Errorf("fdatasync %s: %w", v.path, err)
+	if err := v.syncData(); err != nil {
+		return err
+	}
+	if v.link != nil {
+		v.link.flush()
 	}
 	return nil
 }
 
-// Trim discards the range; it reads back as zeroes afterwards.
-func (v *Volume) Trim(off, length int64, fua bool) error {
-	return v.WriteZeroes(off, length, true, fua)
-}
-
-// WriteZeroes zeroes the range, deallocating it when mayUnmap allows.
-func (v *Volume) WriteZeroes(off, length int64, mayUnmap, fua bool) error {
-	if v.closed.Load() {
-		return ErrClosed
-	}
-	v.dirty.Set(off, length)
-	if err := v.zero(off, length, mayUnmap); err != nil {
-		return fmt.Errorf("zero %d@%d: %w", length, off, err)
-	}
-	if fua {
-		return v.Flush()
+func (v *Volume) syncData() error {
+	if err := unix.Fdatasync(v.fd); err != nil {
+		return fmt.Errorf("fdatasync %s: %w", v.path, err)
 	}
 	return nil
 }
@@ -229,8 +408,7 @@ func (v *Volume) zero(off, length int64, mayUnmap bool) error {
 	}
 	err := unix.Fallocate(v.fd, mode, off, length)
 	if err == unix.EOPNOTSUPP || err == unix.ENOSYS || err == unix.EINVAL {
-		// Filesystems without hole punching or zero ranges (tmpfs on old
-		// kernels, NFS): plain zero writes.
+		// Filesystems without hole punching or zero ranges: zero writes.
 		return v.writeZeroBuffers(off, length)
 	}
 	return err
@@ -250,17 +428,34 @@ func (v *Volume) writeZeroBuffers(off, length int64) error {
 	return nil
 }
 
-// Close flushes and closes the backing store. Requests after Close fail
-// with ESHUTDOWN; the caller stops serving before closing.
+// Close stops replication, flushes, persists the bitmap and marks the
+// metadata clean. Requests after Close fail with ESHUTDOWN; the caller
+// stops serving first.
 func (v *Volume) Close() error {
-	if v.closed.Swap(true) {
+	v.gate.Lock()
+	already := v.closed.Swap(true)
+	v.gate.Unlock()
+	if already {
 		return nil
 	}
-	err := unix.Fdatasync(v.fd)
-	if cerr := v.f.Close(); err == nil {
-		err = cerr
+	var errs []error
+	if v.link != nil {
+		v.link.stop()
 	}
-	if err != nil {
+	if err := unix.Fdatasync(v.fd); err != nil {
+		errs = append(errs, fmt.Errorf("fdatasync: %w", err))
+	}
+	if v.meta != nil {
+		if err := v.al.persistAll(); err != nil {
+			errs = append(errs, err)
+		} else if err := v.meta.update(func(s *superblock) { s.flags |= flagClean }); err != nil {
+			errs = append(errs, err)
+		}
+		errs = append(errs, v.meta.close())
+	}
+	errs = append(errs, v.f.Close())
+	v.ev.close()
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close %s: %w", v.path, err)
 	}
 	return nil

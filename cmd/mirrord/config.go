@@ -3,17 +3,20 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"reflect"
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
 
 	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
 )
 
@@ -22,9 +25,42 @@ import (
 // section.key=value flags. Unknown keys are errors, so a typo never falls
 // back to a default silently.
 type Config struct {
-	Volume VolumeConfig `mapstructure:"volume"`
-	NBD    NBDConfig    `mapstructure:"nbd"`
-	Log    LogConfig    `mapstructure:"log"`
+	Node    NodeConfig    `mapstructure:"node"`
+	Volume  VolumeConfig  `mapstructure:"volume"`
+	NBD     NBDConfig     `mapstructure:"nbd"`
+	Peer    PeerConfig    `mapstructure:"peer"`
+	Control ControlConfig `mapstructure:"control"`
+	Log     LogConfig     `mapstructure:"log"`
+}
+
+// NodeConfig names this host.
+type NodeConfig struct {
+	// Name must differ between the two nodes (default: the hostname).
+	Name string `mapstructure:"name"`
+}
+
+// PeerConfig is the replication partner. Without peer.node the volume is
+// standalone.
+type PeerConfig struct {
+	Node    string `mapstructure:"node"`
+	Address string `mapstructure:"address"` // host:port we dial
+	Listen  string `mapstructure:"listen"`  // host:port we accept on
+	// Secret authenticates the pair; SecretFile reads it from a file.
+	Secret        string        `mapstructure:"secret"`
+	SecretFile    string        `mapstructure:"secret-file"`
+	Mode          string        `mapstructure:"mode"` // sync (protocol C) or async (protocol A)
+	Timeout       time.Duration `mapstructure:"timeout"`
+	PingInterval  time.Duration `mapstructure:"ping-interval"`
+	ConnectRetry  time.Duration `mapstructure:"connect-retry"`
+	OnDisconnect  string        `mapstructure:"on-disconnect"` // continue or suspend
+	AsyncWindow   ByteSize      `mapstructure:"async-window"`
+	ResyncMaxRate ByteSize      `mapstructure:"resync-max-rate"` // bytes/s, 0 unlimited
+	ResyncMinRate ByteSize      `mapstructure:"resync-min-rate"`
+}
+
+// ControlConfig is the local admin socket the CLI talks to.
+type ControlConfig struct {
+	Socket string `mapstructure:"socket"`
 }
 
 // VolumeConfig is the local copy of the mirrored device.
@@ -35,6 +71,10 @@ type VolumeConfig struct {
 	Path       string   `mapstructure:"path"`
 	Size       ByteSize `mapstructure:"size"`
 	RegionSize ByteSize `mapstructure:"region-size"`
+	// Meta is the metadata file (generations, activity log, bitmap);
+	// default: Path + ".meta" when a peer is configured.
+	Meta      string `mapstructure:"meta"`
+	ALExtents uint32 `mapstructure:"al-extents"`
 }
 
 // NBDConfig is how clients reach the volume.
@@ -59,6 +99,7 @@ const (
 	DefaultVolumeSize = 1 << 30
 	DefaultUnixSocket = "/run/mirrord/vol0.sock"
 	DefaultTCPListen  = "127.0.0.1:10809"
+	DefaultControl    = "/run/mirrord/vol0.ctl"
 )
 
 func setDefaults(v *viper.Viper) {
@@ -69,6 +110,24 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("nbd.listen", []string{"unix:" + DefaultUnixSocket, "tcp:" + DefaultTCPListen})
 	v.SetDefault("nbd.read-only", false)
 	v.SetDefault("nbd.inflight-bytes", fmt.Sprint(nbd.DefaultInflightBytes))
+	host, _ := os.Hostname()
+	v.SetDefault("node.name", host)
+	v.SetDefault("volume.meta", "")
+	v.SetDefault("volume.al-extents", mirror.DefaultALExtents)
+	v.SetDefault("peer.node", "")
+	v.SetDefault("peer.address", "")
+	v.SetDefault("peer.listen", "")
+	v.SetDefault("peer.secret", "")
+	v.SetDefault("peer.secret-file", "")
+	v.SetDefault("peer.mode", "sync")
+	v.SetDefault("peer.timeout", mirror.DefaultPeerTimeout.String())
+	v.SetDefault("peer.ping-interval", mirror.DefaultPingInterval.String())
+	v.SetDefault("peer.connect-retry", mirror.DefaultConnectRetry.String())
+	v.SetDefault("peer.on-disconnect", "continue")
+	v.SetDefault("peer.async-window", fmt.Sprint(mirror.DefaultAsyncWindow))
+	v.SetDefault("peer.resync-max-rate", "0")
+	v.SetDefault("peer.resync-min-rate", fmt.Sprint(mirror.DefaultResyncMinRate))
+	v.SetDefault("control.socket", DefaultControl)
 	v.SetDefault("log.level", "info")
 	v.SetDefault("log.format", "auto")
 }
@@ -164,6 +223,7 @@ func loadConfig(cf configFlags) (*Config, error) {
 	var c Config
 	err := v.UnmarshalExact(&c, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
 		mapstructure.TextUnmarshallerHookFunc(),
+		mapstructure.StringToTimeDurationHookFunc(),
 		mapstructure.StringToSliceHookFunc(","),
 	)))
 	if err != nil {
@@ -201,6 +261,13 @@ func (c *Config) validate() error {
 	if rs < 512 || rs > 1<<30 || rs&(rs-1) != 0 {
 		bad("volume.region-size", "must be a power of two from 512 to 1GiB (got %d)", rs)
 	}
+	if c.Node.Name == "" {
+		bad("node.name", "must be set (no hostname to default to)")
+	}
+	if c.Control.Socket == "" {
+		bad("control.socket", "must be set")
+	}
+	c.validatePeer(bad)
 	if len(c.NBD.Listen) == 0 {
 		bad("nbd.listen", "needs at least one address")
 	}
@@ -223,6 +290,102 @@ func (c *Config) validate() error {
 		bad("log.format", "must be auto, console or json (got %q)", c.Log.Format)
 	}
 	return errors.Join(errs...)
+}
+
+func (c *Config) validatePeer(bad func(key, format string, a ...any)) {
+	p := &c.Peer
+	if p.Node == "" {
+		for key, val := range map[string]string{"peer.address": p.Address, "peer.listen": p.Listen, "peer.secret": p.Secret, "peer.secret-file": p.SecretFile} {
+			if val != "" {
+				bad(key, "set, but peer.node is empty (a standalone volume has no peer)")
+			}
+		}
+		return
+	}
+	if p.Node == c.Node.Name {
+		bad("peer.node", "must differ from node.name (%q)", c.Node.Name)
+	}
+	if p.Address == "" && p.Listen == "" {
+		bad("peer.address", "set peer.address, peer.listen or both")
+	}
+	for key, a := range map[string]string{"peer.address": p.Address, "peer.listen": p.Listen} {
+		if a == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			bad(key, "want host:port (%v)", err)
+		}
+	}
+	switch {
+	case p.Secret != "" && p.SecretFile != "":
+		bad("peer.secret", "set peer.secret or peer.secret-file, not both")
+	case p.Secret == "" && p.SecretFile == "":
+		bad("peer.secret", "a peer needs a shared secret (peer.secret or peer.secret-file)")
+	}
+	if p.Mode != "sync" && p.Mode != "async" {
+		bad("peer.mode", "must be sync or async (got %q)", p.Mode)
+	}
+	if p.OnDisconnect != "continue" && p.OnDisconnect != "suspend" {
+		bad("peer.on-disconnect", "must be continue or suspend (got %q)", p.OnDisconnect)
+	}
+	if p.Timeout <= 0 {
+		bad("peer.timeout", "must be positive")
+	}
+	if p.PingInterval <= 0 || p.PingInterval >= p.Timeout {
+		bad("peer.ping-interval", "must be positive and below peer.timeout")
+	}
+	if p.ConnectRetry <= 0 {
+		bad("peer.connect-retry", "must be positive")
+	}
+	if p.AsyncWindow < nbd.MaxPayload {
+		bad("peer.async-window", "must be at least %d", nbd.MaxPayload)
+	}
+	if p.ResyncMaxRate < 0 || p.ResyncMinRate <= 0 {
+		bad("peer.resync-min-rate", "rates must be positive (resync-max-rate 0 means unlimited)")
+	}
+}
+
+// mirrorPeer converts the peer section for mirror.Open.
+func (c *Config) mirrorPeer() (*mirror.PeerConfig, error) {
+	p := c.Peer
+	if p.Node == "" {
+		return nil, nil
+	}
+	secret := []byte(p.Secret)
+	if p.SecretFile != "" {
+		b, err := os.ReadFile(p.SecretFile)
+		if err != nil {
+			return nil, &FieldError{Key: "peer.secret-file", Msg: err.Error()}
+		}
+		secret = []byte(strings.TrimSpace(string(b)))
+		if len(secret) == 0 {
+			return nil, &FieldError{Key: "peer.secret-file", Msg: "file is empty"}
+		}
+	}
+	pc := &mirror.PeerConfig{
+		Node: p.Node, Address: p.Address, Listen: p.Listen, Secret: secret,
+		Timeout: p.Timeout, PingInterval: p.PingInterval, ConnectRetry: p.ConnectRetry,
+		AsyncWindow: int64(p.AsyncWindow), ResyncMaxRate: int64(p.ResyncMaxRate), ResyncMinRate: int64(p.ResyncMinRate),
+	}
+	if p.Mode == "async" {
+		pc.Mode = mirror.ModeAsync
+	}
+	if p.OnDisconnect == "suspend" {
+		pc.OnDisconnect = mirror.SuspendIO
+	}
+	return pc, nil
+}
+
+// metaPath is where the metadata lives ("" for a standalone volume
+// without one).
+func (c *Config) metaPath() string {
+	if c.Volume.Meta != "" {
+		return c.Volume.Meta
+	}
+	if c.Peer.Node != "" {
+		return c.Volume.Path + ".meta"
+	}
+	return ""
 }
 
 // parseListen splits "unix:/path" or "tcp:host:port".

@@ -5,13 +5,13 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"runtime"
 	"runtime/debug"
-	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -27,6 +27,13 @@ const usage = `mirrord: a block-level mirroring daemon
 Usage:
   mirrord run [--config FILE] [--set key=value]...   serve the volume over NBD
   mirrord config [--config FILE] [--set key=value]... print the effective config keys
+  mirrord status [--json]                            role, disk, peer, resync progress
+  mirrord events                                     stream state changes (JSON lines)
+  mirrord promote [--force]                          make this node Primary
+  mirrord demote                                     make this node Secondary
+  mirrord verify [--json]                            compare digests with the peer
+  mirrord connect | disconnect                       leave / enter StandAlone
+  mirrord discard-my-data                            resolve a split brain against this node
   mirrord version                                    print the version
 
 Run 'mirrord COMMAND --help' for a command's flags.
@@ -50,6 +57,14 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdRun(args[1:], stderr)
 	case "config":
 		err = cmdConfig(args[1:], stdout)
+	case "status":
+		err = cmdStatus(args[1:], stdout)
+	case "events":
+		err = cmdEvents(args[1:], stdout)
+	case "verify":
+		err = cmdVerify(args[1:], stdout)
+	case "promote", "demote", "connect", "disconnect", "discard-my-data":
+		err = cmdSimple(args[0], args[1:], stdout)
 	case "version", "--version":
 		fmt.Fprintln(stdout, versionString())
 	case "help", "-h", "--help":
@@ -133,10 +148,10 @@ func cmdConfig(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "volume.name: %s\nvolume.path: %s\nvolume.size: %d\nvolume.region-size: %d\n",
-		c.Volume.Name, c.Volume.Path, c.Volume.Size, c.Volume.RegionSize)
-	fmt.Fprintf(stdout, "nbd.listen: %s\nnbd.read-only: %t\nnbd.inflight-bytes: %d\n",
-		strings.Join(c.NBD.Listen, ","), c.NBD.ReadOnly, c.NBD.InflightBytes)
-	fmt.Fprintf(stdout, "log.level: %s\nlog.format: %s\n", c.Log.Level, c.Log.Format)
-	return nil
+	if c.Peer.Secret != "" {
+		c.Peer.Secret = "(hidden)"
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(c)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -55,9 +56,19 @@ func run(c *Config, log zerolog.Logger) error {
 	if err := os.MkdirAll(filepath.Dir(c.Volume.Path), 0o755); err != nil {
 		return fmt.Errorf("volume.path: %w", err)
 	}
+	peer, err := c.mirrorPeer()
+	if err != nil {
+		return err
+	}
 	vol, err := mirror.Open(c.Volume.Path, mirror.Options{
+		Name:       c.Volume.Name,
+		Node:       c.Node.Name,
 		Size:       int64(c.Volume.Size),
 		RegionSize: int64(c.Volume.RegionSize),
+		MetaPath:   c.metaPath(),
+		ALExtents:  c.Volume.ALExtents,
+		Peer:       peer,
+		Log:        log,
 	})
 	if err != nil {
 		return err
@@ -86,12 +97,26 @@ func run(c *Config, log zerolog.Logger) error {
 		}
 		listeners = append(listeners, l)
 	}
+	ctl, err := listenControl(c.Control.Socket)
+	if err != nil {
+		for _, l := range listeners {
+			_ = l.Close()
+		}
+		_ = vol.Close()
+		return fmt.Errorf("control.socket: %w", err)
+	}
+	cs := &controlServer{vol: vol, srv: srv, log: log}
+	hs := &http.Server{Handler: cs.handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = hs.Serve(ctl) }()
+	defer func() { _ = hs.Close() }()
+
 	serveErr := make(chan error, len(listeners))
 	for _, l := range listeners {
 		go func() { serveErr <- srv.Serve(l) }()
 	}
 	log.Info().Str("path", vol.Path()).Int64("size", vol.Size()).
 		Strs("listen", c.NBD.Listen).Bool("read_only", c.NBD.ReadOnly).
+		Str("role", vol.Role().String()).Str("control", c.Control.Socket).
 		Str("version", version).Msg("serving")
 
 	sig := make(chan os.Signal, 1)

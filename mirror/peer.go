@@ -1,0 +1,415 @@
+package mirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/mirrord/mirrord/wan"
+)
+
+// Mode is a peer's replication protocol.
+type Mode uint8
+
+// Replication modes, in DRBD's terms.
+const (
+	// ModeSync is protocol C: a write completes when both disks have it.
+	ModeSync Mode = iota
+	// ModeAsync is protocol A: a write completes locally and is shipped in
+	// order; the peer's disk is always a prefix of the write history.
+	ModeAsync
+)
+
+func (m Mode) String() string {
+	if m == ModeAsync {
+		return "async"
+	}
+	return "sync"
+}
+
+// OnDisconnect is what a Primary does with writes while its peer is away.
+type OnDisconnect uint8
+
+// Policies for writes while the peer is unreachable.
+const (
+	// KeepServing records writes in the bitmap and resyncs them later
+	// (DRBD's default; the peer is Outdated meanwhile).
+	KeepServing OnDisconnect = iota
+	// SuspendIO holds writes until the peer is back (zero divergence, at
+	// the price of availability).
+	SuspendIO
+)
+
+// Defaults for PeerConfig.
+const (
+	// DefaultPeerTimeout is how long a missing ack or a silent link is
+	// tolerated before the peer is declared lost (DRBD: timeout 6 s).
+	DefaultPeerTimeout  = 6 * time.Second
+	DefaultPingInterval = 1 * time.Second
+	DefaultConnectRetry = 1 * time.Second
+	// DefaultAsyncWindow bounds the bytes shipped but not yet acknowledged
+	// in async mode; past it the primary goes Ahead (bitmap only).
+	DefaultAsyncWindow = 64 << 20
+	// DefaultResyncMinRate is the resync rate kept up while applications
+	// write (DRBD's c-min-rate idea: resync yields, but never stops).
+	DefaultResyncMinRate = 32 << 20
+	// DefaultResyncWindow is the resync data in flight, enough to keep a
+	// LAN pipe full.
+	DefaultResyncWindow = 32 << 20
+	resyncChunk         = 1 << 20
+	verifyChunk         = 1 << 20
+	handshakeTimeout    = 10 * time.Second
+)
+
+// PeerConfig describes the one peer a volume replicates with.
+type PeerConfig struct {
+	// Node is the peer's node name; it must differ from ours.
+	Node string
+	// Address is the peer's replication address (host:port) we dial.
+	Address string
+	// Listen is where we accept the peer's connection (host:port).
+	Listen string
+	// Secret authenticates both sides (HMAC challenge-response).
+	Secret []byte
+	Mode   Mode
+	// Timeout, PingInterval, ConnectRetry: see the Default constants.
+	Timeout      time.Duration
+	PingInterval time.Duration
+	ConnectRetry time.Duration
+	AsyncWindow  int64
+	OnDisconnect OnDisconnect
+	// ResyncMaxRate caps resync bandwidth in bytes/s (0: unlimited);
+	// ResyncMinRate is what resync keeps while applications write.
+	ResyncMaxRate int64
+	ResyncMinRate int64
+	ResyncWindow  int64
+	// Dial connects to Address (net.Dialer by default); tests inject
+	// faults here.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
+}
+
+func (c *PeerConfig) fillDefaults() {
+	if c.Timeout == 0 {
+		c.Timeout = DefaultPeerTimeout
+	}
+	if c.PingInterval == 0 {
+		c.PingInterval = DefaultPingInterval
+	}
+	if c.ConnectRetry == 0 {
+		c.ConnectRetry = DefaultConnectRetry
+	}
+	if c.AsyncWindow == 0 {
+		c.AsyncWindow = DefaultAsyncWindow
+	}
+	if c.ResyncMinRate == 0 {
+		c.ResyncMinRate = DefaultResyncMinRate
+	}
+	if c.ResyncWindow == 0 {
+		c.ResyncWindow = DefaultResyncWindow
+	}
+	if c.Dial == nil {
+		var d net.Dialer
+		c.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", addr)
+		}
+	}
+}
+
+// ConnState is the connection state, as DRBD names it.
+type ConnState string
+
+// Connection states.
+const (
+	ConnStandAlone ConnState = "StandAlone"
+	ConnConnecting ConnState = "Connecting"
+	ConnConnected  ConnState = "Connected"
+)
+
+// ReplState is the replication state, as DRBD names it.
+type ReplState string
+
+// Replication states.
+const (
+	ReplOff         ReplState = "Off"
+	ReplEstablished ReplState = "Established"
+	ReplSyncSource  ReplState = "SyncSource"
+	ReplSyncTarget  ReplState = "SyncTarget"
+	ReplAhead       ReplState = "Ahead"
+	ReplBehind      ReplState = "Behind"
+	ReplVerifyS     ReplState = "VerifyS"
+	ReplVerifyT     ReplState = "VerifyT"
+)
+
+// errDisconnected completes transfer-log entries when a session ends.
+var errDisconnected = errors.New("peer disconnected")
+
+// link owns the relationship with the peer across connections: it dials
+// or accepts, runs one session at a time, and reconnects.
+type link struct {
+	v   *Volume
+	cfg PeerConfig
+	log zerolog.Logger
+	ln  net.Listener
+
+	mu         sync.Mutex
+	cond       sync.Cond // session changes, for SuspendIO waiters
+	sess       *session
+	conn       ConnState
+	standalone bool   // stopped reconnecting: split brain or operator
+	reason     string // why the last session ended or was refused
+	peerHello  *wan.Hello
+	splitBrain bool
+
+	incoming chan net.Conn
+	kick     chan struct{}
+	quit     chan struct{}
+	wg       sync.WaitGroup
+
+	stats linkStats
+}
+
+type linkStats struct {
+	sentBytes, resyncBytes, recvBytes atomic.Uint64
+	sessions                          atomic.Uint64
+}
+
+func newLink(v *Volume, cfg PeerConfig) (*link, error) {
+	cfg.fillDefaults()
+	if cfg.Node == "" || cfg.Node == v.node {
+		return nil, fmt.Errorf("peer node name %q must be set and differ from ours (%q)", cfg.Node, v.node)
+	}
+	if len(cfg.Secret) == 0 {
+		return nil, errors.New("peer secret must be set")
+	}
+	if cfg.Address == "" && cfg.Listen == "" {
+		return nil, errors.New("peer needs an address to dial or a listen address")
+	}
+	l := &link{
+		v: v, cfg: cfg, conn: ConnConnecting,
+		log:      v.log.With().Str("peer", cfg.Node).Logger(),
+		incoming: make(chan net.Conn), kick: make(chan struct{}, 1), quit: make(chan struct{}),
+	}
+	l.cond.L = &l.mu
+	if cfg.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("peer listen %s: %w", cfg.Listen, err)
+		}
+		l.ln = ln
+	}
+	sb := v.meta.snapshot()
+	if sb.flags&flagSplitBrain != 0 {
+		l.splitBrain = true
+		l.standalone = true
+		l.conn = ConnStandAlone
+		l.reason = "split brain recorded before restart: resolve with discard-my-data"
+	}
+	return l, nil
+}
+
+func (l *link) start() {
+	if l.ln != nil {
+		l.wg.Add(1)
+		go l.acceptLoop()
+	}
+	l.wg.Add(1)
+	go l.connectLoop()
+}
+
+func (l *link) stop() {
+	close(l.quit)
+	if l.ln != nil {
+		_ = l.ln.Close()
+	}
+	l.mu.Lock()
+	s := l.sess
+	l.cond.Broadcast()
+	l.mu.Unlock()
+	if s != nil {
+		s.fail(errors.New("volume closing"))
+		<-s.done
+	}
+	l.wg.Wait()
+}
+
+func (l *link) acceptLoop() {
+	defer l.wg.Done()
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			select {
+			case <-l.quit:
+				return
+			default:
+			}
+			l.log.Warn().Err(err).Msg("peer accept failed")
+			time.Sleep(l.cfg.ConnectRetry)
+			continue
+		}
+		select {
+		case l.incoming <- c:
+		case <-l.quit:
+			_ = c.Close()
+			return
+		}
+	}
+}
+
+// dials reports whether we initiate: both nodes may know each other's
+// address, and the lower node name dials so that exactly one connection
+// forms.
+func (l *link) dials() bool {
+	return l.cfg.Address != "" && (l.ln == nil || l.v.node < l.cfg.Node)
+}
+
+func (l *link) connectLoop() {
+	defer l.wg.Done()
+	for {
+		l.mu.Lock()
+		standalone := l.standalone
+		l.mu.Unlock()
+		var c net.Conn
+		if standalone {
+			select {
+			case <-l.quit:
+				return
+			case <-l.kick:
+				continue
+			case c = <-l.incoming:
+				_ = c.Close() // StandAlone: refuse until an operator reconnects
+				continue
+			}
+		}
+		if l.dials() {
+			ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
+			var err error
+			c, err = l.cfg.Dial(ctx, l.cfg.Address)
+			cancel()
+			if err != nil {
+				l.setReason("connect: " + err.Error())
+				if !l.sleep() {
+					return
+				}
+				continue
+			}
+		} else {
+			select {
+			case <-l.quit:
+				return
+			case <-l.kick:
+				continue
+			case c = <-l.incoming:
+			}
+		}
+		s, err := l.establish(c)
+		if err != nil {
+			_ = c.Close()
+			l.log.Warn().Err(err).Msg("peer connection refused")
+			l.setReason(err.Error())
+			if !l.sleep() {
+				return
+			}
+			continue
+		}
+		l.stats.sessions.Add(1)
+		s.run()
+		<-s.done
+		l.log.Warn().Str("reason", s.errString()).Msg("peer disconnected")
+		l.v.ev.emit("peer", l.v.Status())
+		select {
+		case <-l.quit:
+			return
+		default:
+		}
+	}
+}
+
+func (l *link) sleep() bool {
+	t := time.NewTimer(l.cfg.ConnectRetry)
+	defer t.Stop()
+	select {
+	case <-l.quit:
+		return false
+	case <-l.kick:
+		return true
+	case <-t.C:
+		return true
+	}
+}
+
+func (l *link) setReason(r string) {
+	l.mu.Lock()
+	changed := l.reason != r
+	l.reason = r
+	l.mu.Unlock()
+	if changed {
+		l.v.ev.emit("peer", l.v.Status())
+	}
+}
+
+// current returns the live session, or nil.
+func (l *link) current() *session {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.sess
+}
+
+// replicate performs one write (or zero) on the primary: locally and, while
+// a session is up, on the peer.
+func (l *link) replicate(o op) error {
+	v := l.v
+	if err := v.al.begin(o.off, o.n); err != nil {
+		return fmt.Errorf("activity log: %w", errors.Join(err, errIO))
+	}
+	defer v.al.end(o.off, o.n)
+	v.rl.lock(o.off, o.n)
+	defer v.rl.unlock(o.off, o.n)
+
+	s := l.current()
+	if s == nil && l.cfg.OnDisconnect == SuspendIO {
+		s = l.waitSession()
+	}
+	if s != nil {
+		if ok, err := s.replicate(o); ok {
+			return err
+		}
+	}
+	// No peer to ship to: the bitmap remembers, under a new generation.
+	if err := v.newGenerationIfNeeded(); err != nil {
+		return err
+	}
+	v.dirty.Set(o.off, o.n)
+	return v.apply(o)
+}
+
+// waitSession blocks until a session is up or the volume closes.
+func (l *link) waitSession() *session {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for l.sess == nil && !l.v.closed.Load() {
+		select {
+		case <-l.quit:
+			return nil
+		default:
+		}
+		l.cond.Wait()
+	}
+	return l.sess
+}
+
+// flush makes the peer's disk stable too in sync mode; in async mode the
+// barrier is shipped in order and not waited for.
+func (l *link) flush() {
+	if s := l.current(); s != nil {
+		s.flush()
+	}
+}
+
+var errIO = fmt.Errorf("metadata update failed: %w", syscall.EIO)

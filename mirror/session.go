@@ -1,0 +1,747 @@
+package mirror
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/wan"
+)
+
+// session is one authenticated connection to the peer. The primary side
+// ships writes, resync data and verify requests and keeps a transfer log of
+// everything not yet acknowledged; the secondary side applies in stream
+// order and acknowledges. When the session ends, every unacknowledged write
+// becomes a dirty bit: exactly the regions the peer may lack.
+type session struct {
+	l    *link
+	v    *Volume
+	conn net.Conn
+	r    *wan.Reader
+	w    *wan.Writer
+	peer wan.Hello
+
+	// qmu guards the send queue, the transfer log and the state below.
+	qmu      sync.Mutex
+	queue    []outFrame
+	spare    []outFrame
+	seq      uint64
+	tl       map[uint64]*tlEntry
+	unacked  int64 // async bytes shipped or queued, not acknowledged
+	closed   bool
+	err      error
+	repl     ReplState
+	kick     chan struct{}
+	done     chan struct{}
+	loops    sync.WaitGroup
+	failOnce sync.Once
+
+	lastRecv atomic.Int64 // unix nanos
+	// epoch changes whenever bits may be set for live writes during the
+	// session (going Ahead); a resync ack only clears bits set before it.
+	epoch atomic.Uint64
+	ahead atomic.Bool
+
+	// Secondary side.
+	applying sync.WaitGroup
+	syncing  atomic.Bool // we are the sync target of a running resync
+
+	resync   resyncProgress
+	verifyMu sync.Mutex
+	verify   *verifyRun
+}
+
+type outFrame struct {
+	h       wan.Header
+	payload []byte
+	owned   *[]byte // released after the frame is on the wire
+}
+
+type entryKind uint8
+
+const (
+	entWrite entryKind = iota
+	entFlush
+	entResync
+	entDigest
+)
+
+// tlEntry is one request in the transfer log.
+type tlEntry struct {
+	kind   entryKind
+	off, n int64
+	sent   time.Time
+	done   chan error // sync waiters; nil for async
+	epoch  uint64
+	digest [32]byte
+}
+
+// establish authenticates a fresh connection, compares generations and
+// exchanges bitmaps. On success the returned session is ready to run.
+func (l *link) establish(c net.Conn) (*session, error) {
+	v := l.v
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	_ = c.SetDeadline(time.Now().Add(handshakeTimeout))
+	s := &session{
+		l: l, v: v, conn: c, r: wan.NewReader(c), w: wan.NewWriter(c),
+		tl: make(map[uint64]*tlEntry), kick: make(chan struct{}, 1), done: make(chan struct{}),
+	}
+	own := v.hello()
+	peer, err := wan.Handshake(s.r, s.w, own, l.cfg.Secret)
+	if err != nil {
+		return nil, fmt.Errorf("handshake with %s: %w", c.RemoteAddr(), err)
+	}
+	s.peer = peer
+	refuse := func(format string, a ...any) (*session, error) {
+		msg := fmt.Sprintf(format, a...)
+		_ = s.w.WriteFrame(wan.Header{Type: wan.FrameClose}, []byte(msg))
+		_ = s.w.Flush()
+		return nil, errors.New(msg)
+	}
+	switch {
+	case peer.Node != l.cfg.Node:
+		return refuse("peer calls itself %q, configured peer is %q", peer.Node, l.cfg.Node)
+	case peer.Volume != v.name:
+		return refuse("peer serves volume %q, this node %q: wrong volume", peer.Volume, v.name)
+	case peer.Size != uint64(v.size):
+		return refuse("peer volume is %d bytes, this node's %d: size mismatch", peer.Size, v.size)
+	case peer.RegionSize != uint32(v.dirty.RegionSize()):
+		return refuse("peer region size %d, this node's %d", peer.RegionSize, v.dirty.RegionSize())
+	case Mode(peer.Mode) != l.cfg.Mode:
+		return refuse("peer replicates in %s mode, this node in %s", Mode(peer.Mode), l.cfg.Mode)
+	}
+	local, remote := v.nodeState(), helloState(peer)
+	d := decide(local, remote)
+	l.log.Info().Str("decision", d.Action.String()).Bool("full", d.Full).Str("reason", d.Reason).
+		Str("local_gen", genString(local.Gen)).Str("peer_gen", genString(remote.Gen)).Msg("peer connected")
+	switch d.Action {
+	case ActSplitBrain:
+		l.enterSplitBrain(d.Reason)
+		return refuse("split brain: %s", d.Reason)
+	case ActUnrelated, ActNoSource, ActBothPrimary, ActPrimaryBehind, ActPeerPrimaryBehind:
+		return refuse("%s: %s", d.Action, d.Reason)
+	}
+	peerBM, err := s.exchangeBitmaps()
+	if err != nil {
+		return nil, fmt.Errorf("bitmap exchange: %w", err)
+	}
+	role := ReplEstablished
+	switch {
+	case d.Action == ActSource || (d.Action == ActNone && primaryFirst(local, remote)):
+		if d.Full {
+			v.dirty.SetAll()
+		} else if err := v.dirty.Merge(peerBM); err != nil {
+			return nil, err
+		}
+		if d.Action == ActSource || v.dirty.Count() > 0 {
+			role = ReplSyncSource
+		}
+	default: // target, or same generation with the peer as the source
+		if d.Full {
+			peerBM.SetAll()
+		}
+		if err := v.dirty.Merge(peerBM); err != nil {
+			return nil, err
+		}
+		if d.Action == ActTarget || v.dirty.Count() > 0 {
+			role = ReplSyncTarget
+		}
+	}
+	if d.Action == ActNone && role == ReplEstablished && v.Role() == RoleSecondary {
+		v.adoptGeneration(peer.Gen)
+	}
+	if d.Action == ActTarget || d.Action == ActSource || role != ReplEstablished {
+		_ = v.clearDiscardFlags()
+	}
+	_ = c.SetDeadline(time.Time{})
+	s.repl = role
+	s.lastRecv.Store(time.Now().UnixNano())
+	if role == ReplSyncSource {
+		s.resync.start(v.dirty.DirtyBytes())
+	}
+	l.mu.Lock()
+	l.sess = s
+	l.conn = ConnConnected
+	l.reason = d.Reason
+	p := peer
+	l.peerHello = &p
+	l.cond.Broadcast()
+	l.mu.Unlock()
+	return s, nil
+}
+
+// exchangeBitmaps sends our bitmap while reading the peer's (both at once,
+// so that large bitmaps cannot deadlock on full socket buffers).
+func (s *session) exchangeBitmaps() (*bitmap.Bitmap, error) {
+	enc, err := s.v.dirty.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	sendErr := make(chan error, 1)
+	go func() {
+		for len(enc) > 0 {
+			n := min(len(enc), wan.MaxBitmapChunk)
+			var flags uint8
+			if n == len(enc) {
+				flags = wan.FlagLast
+			}
+			if err := s.w.WriteFrame(wan.Header{Type: wan.FrameBitmap, Flags: flags}, enc[:n]); err != nil {
+				sendErr <- err
+				return
+			}
+			enc = enc[n:]
+		}
+		sendErr <- s.w.Flush()
+	}()
+	var buf bytes.Buffer
+	for {
+		f, err := s.r.ReadFrame()
+		if err != nil {
+			return nil, err
+		}
+		if f.Type == wan.FrameClose {
+			return nil, fmt.Errorf("peer refused: %s", f.Payload)
+		}
+		if f.Type != wan.FrameBitmap {
+			return nil, fmt.Errorf("%w: %s during bitmap exchange", wan.ErrMalformed, f.Type)
+		}
+		if buf.Len()+len(f.Payload) > 64<<20 {
+			return nil, fmt.Errorf("%w: bitmap larger than 64 MiB", wan.ErrMalformed)
+		}
+		buf.Write(f.Payload)
+		if f.Flags&wan.FlagLast != 0 {
+			break
+		}
+	}
+	if err := <-sendErr; err != nil {
+		return nil, err
+	}
+	bm, err := bitmap.Decode(buf.Bytes())
+	if err != nil {
+		return nil, err
+	}
+	if bm.Size() != s.v.size || bm.RegionSize() != s.v.dirty.RegionSize() {
+		return nil, fmt.Errorf("%w: peer bitmap geometry", bitmap.ErrMismatch)
+	}
+	return bm, nil
+}
+
+// run starts the session's goroutines; done closes when it has ended and
+// the transfer log has been folded into the bitmap.
+func (s *session) run() {
+	s.loops.Add(3)
+	go s.sendLoop()
+	go s.recvLoop()
+	go s.watchdog()
+	s.v.ev.emit("peer", s.v.Status())
+	if s.repl == ReplSyncSource {
+		go s.runResync()
+	}
+}
+
+func (s *session) errString() string {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	if s.err == nil {
+		return ""
+	}
+	return s.err.Error()
+}
+
+// fail ends the session (once). It runs the teardown on its own goroutine
+// so that the loops themselves may call it.
+func (s *session) fail(err error) {
+	s.failOnce.Do(func() {
+		s.qmu.Lock()
+		s.closed = true
+		s.err = err
+		s.qmu.Unlock()
+		_ = s.conn.Close()
+		s.wake()
+		go s.teardown()
+	})
+}
+
+func (s *session) teardown() {
+	s.loops.Wait()
+	s.applying.Wait()
+	l, v := s.l, s.v
+	l.mu.Lock()
+	if l.sess == s {
+		l.sess = nil
+	}
+	if l.conn == ConnConnected {
+		l.conn = ConnConnecting
+	}
+	l.reason = s.err.Error()
+	l.mu.Unlock()
+	// Everything the peer did not acknowledge is out of sync. Sync waiters
+	// are released only now, after the sender is gone and can no longer
+	// touch their buffers.
+	s.qmu.Lock()
+	for seq, e := range s.tl {
+		if e.kind == entWrite {
+			v.dirty.Set(e.off, e.n)
+		}
+		if e.done != nil {
+			e.done <- errDisconnected
+		}
+		delete(s.tl, seq)
+	}
+	for _, f := range s.queue {
+		putOwned(f.owned)
+	}
+	s.queue = nil
+	vr := s.verify
+	s.qmu.Unlock()
+	s.resync.wakeAll()
+	s.resync.stop()
+	if vr != nil {
+		vr.mu.Lock()
+		vr.cond.Broadcast()
+		vr.mu.Unlock()
+	}
+	if v.al != nil {
+		if err := v.al.persistAll(); err != nil {
+			l.log.Error().Err(err).Msg("persist bitmap after disconnect")
+		}
+	}
+	l.mu.Lock()
+	l.cond.Broadcast()
+	l.mu.Unlock()
+	close(s.done)
+}
+
+func (s *session) wake() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// enqueue appends a frame (and, with e, a transfer-log entry) under one
+// sequence number. It reports false once the session is closing.
+func (s *session) enqueue(h wan.Header, payload []byte, owned *[]byte, e *tlEntry) (uint64, bool) {
+	s.qmu.Lock()
+	if s.closed {
+		s.qmu.Unlock()
+		return 0, false
+	}
+	s.seq++
+	h.Seq = s.seq
+	if e != nil {
+		e.sent = time.Now()
+		s.tl[h.Seq] = e
+	}
+	s.queue = append(s.queue, outFrame{h: h, payload: payload, owned: owned})
+	s.qmu.Unlock()
+	s.wake()
+	return h.Seq, true
+}
+
+// reply queues a frame that needs no acknowledgement (acks, pongs,
+// digests); a closing session drops it.
+func (s *session) reply(h wan.Header, payload []byte) {
+	s.qmu.Lock()
+	if !s.closed {
+		s.queue = append(s.queue, outFrame{h: h, payload: payload})
+	}
+	s.qmu.Unlock()
+	s.wake()
+}
+
+func (s *session) sendLoop() {
+	defer s.loops.Done()
+	ping := time.NewTicker(s.l.cfg.PingInterval)
+	defer ping.Stop()
+	var sent []outFrame
+	for {
+		s.qmu.Lock()
+		batch := s.queue
+		s.queue = s.spare[:0]
+		closed := s.closed
+		s.qmu.Unlock()
+		if closed {
+			return
+		}
+		if len(batch) == 0 {
+			select {
+			case <-s.kick:
+			case <-ping.C:
+				s.reply(wan.Header{Type: wan.FramePing, Seq: uint64(time.Now().UnixNano())}, nil)
+			}
+			s.spare = batch
+			continue
+		}
+		for _, f := range batch {
+			if err := s.w.WriteFrame(f.h, f.payload); err != nil {
+				s.fail(fmt.Errorf("send: %w", err))
+				return
+			}
+			s.l.stats.sentBytes.Add(uint64(len(f.payload) + wan.HeaderSize))
+			if s.w.Buffered() >= 256<<10 {
+				if err := s.w.Flush(); err != nil {
+					s.fail(fmt.Errorf("send: %w", err))
+					return
+				}
+			}
+		}
+		if err := s.w.Flush(); err != nil {
+			s.fail(fmt.Errorf("send: %w", err))
+			return
+		}
+		sent = batch
+		for i := range sent {
+			putOwned(sent[i].owned)
+			sent[i] = outFrame{}
+		}
+		s.spare = sent[:0]
+	}
+}
+
+// watchdog declares the peer lost when it has been silent, or has left a
+// request unacknowledged, for longer than the timeout.
+func (s *session) watchdog() {
+	defer s.loops.Done()
+	tick := time.NewTicker(s.l.cfg.PingInterval / 2)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-tick.C:
+		}
+		s.qmu.Lock()
+		closed := s.closed
+		var oldest time.Time
+		for _, e := range s.tl {
+			if oldest.IsZero() || e.sent.Before(oldest) {
+				oldest = e.sent
+			}
+		}
+		s.qmu.Unlock()
+		if closed {
+			return
+		}
+		now := time.Now()
+		if silent := now.Sub(time.Unix(0, s.lastRecv.Load())); silent > s.l.cfg.Timeout {
+			s.fail(fmt.Errorf("peer silent for %v (timeout %v)", silent.Round(time.Millisecond), s.l.cfg.Timeout))
+			return
+		}
+		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout {
+			s.fail(fmt.Errorf("peer left a request unacknowledged for %v (timeout %v)", now.Sub(oldest).Round(time.Millisecond), s.l.cfg.Timeout))
+			return
+		}
+	}
+}
+
+func putOwned(b *[]byte) {
+	if b != nil {
+		dataPool.Put(b)
+	}
+}
+
+// dataPool holds copies of async write payloads between the local write
+// and the socket.
+var dataPool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
+
+func copyData(p []byte) *[]byte {
+	b := dataPool.Get().(*[]byte)
+	*b = append((*b)[:0], p...)
+	return b
+}
+
+// replicate ships o and applies it locally. ok is false when the session
+// closed before o was sequenced (the caller then treats the peer as gone).
+func (s *session) replicate(o op) (ok bool, err error) {
+	v := s.v
+	h := wan.Header{Type: wan.FrameWrite, Offset: uint64(o.off)}
+	var payload []byte
+	if o.kind == opZero {
+		h.Type = wan.FrameZero
+		payload = wan.PutU64(uint64(o.n))
+		if o.mayUnmap {
+			h.Flags |= wan.FlagUnmap
+		}
+	}
+	if o.fua {
+		h.Flags |= wan.FlagFUA
+	}
+	if s.l.cfg.Mode == ModeAsync {
+		if s.ahead.Load() || !s.reserve(o.n) {
+			// Ahead: the peer falls behind; the bitmap carries the write
+			// until the catch-up resync.
+			v.dirty.Set(o.off, o.n)
+			return true, v.apply(o)
+		}
+		var owned *[]byte
+		if o.kind == opWrite {
+			owned = copyData(o.p)
+			payload = *owned
+		}
+		e := &tlEntry{kind: entWrite, off: o.off, n: o.n}
+		if _, ok := s.enqueue(h, payload, owned, e); !ok {
+			putOwned(owned)
+			s.release(o.n)
+			return false, nil
+		}
+		return true, v.apply(o)
+	}
+	h.Flags |= wan.FlagSync
+	if o.kind == opWrite {
+		payload = o.p // the sender is done with it before we are released
+	}
+	e := &tlEntry{kind: entWrite, off: o.off, n: o.n, done: make(chan error, 1)}
+	if _, ok := s.enqueue(h, payload, nil, e); !ok {
+		return false, nil
+	}
+	lerr := v.apply(o)
+	if perr := <-e.done; perr != nil && !errors.Is(perr, errDisconnected) {
+		s.l.log.Warn().Err(perr).Int64("offset", o.off).Msg("peer failed a write")
+	}
+	return true, lerr
+}
+
+// reserve accounts async bytes against the window; false means the window
+// is full and the session goes Ahead.
+func (s *session) reserve(n int64) bool {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	if s.unacked+n > s.l.cfg.AsyncWindow && s.unacked > 0 {
+		if !s.ahead.Swap(true) {
+			s.epoch.Add(1)
+			s.repl = ReplAhead
+			s.l.log.Warn().Int64("unacked_bytes", s.unacked).Msg("async window full: Ahead, tracking writes in the bitmap")
+			go s.v.ev.emit("peer", s.v.Status())
+		}
+		return false
+	}
+	s.unacked += n
+	return true
+}
+
+func (s *session) release(n int64) {
+	s.qmu.Lock()
+	s.unacked -= n
+	catchUp := s.ahead.Load() && s.unacked == 0 && s.repl == ReplAhead
+	if catchUp {
+		s.repl = ReplSyncSource
+	}
+	s.qmu.Unlock()
+	if catchUp {
+		// The backlog drained: catch up from the bitmap, then replicate
+		// live again.
+		s.ahead.Store(false)
+		s.resync.start(s.v.dirty.DirtyBytes())
+		go s.runResync()
+	}
+}
+
+func (s *session) flush() {
+	e := &tlEntry{kind: entFlush}
+	if s.l.cfg.Mode == ModeSync {
+		e.done = make(chan error, 1)
+	}
+	if _, ok := s.enqueue(wan.Header{Type: wan.FrameFlush}, nil, nil, e); !ok {
+		return
+	}
+	if e.done != nil {
+		<-e.done
+	}
+}
+
+func (s *session) recvLoop() {
+	defer s.loops.Done()
+	for {
+		f, err := s.r.ReadFrame()
+		if err != nil {
+			s.fail(fmt.Errorf("receive: %w", err))
+			return
+		}
+		s.lastRecv.Store(time.Now().UnixNano())
+		s.l.stats.recvBytes.Add(uint64(len(f.Payload) + wan.HeaderSize))
+		if err := s.handle(f); err != nil {
+			s.fail(err)
+			return
+		}
+	}
+}
+
+func (s *session) handle(f wan.Frame) error {
+	switch f.Type {
+	case wan.FrameAck:
+		s.acked(f.Seq, f.Errno)
+	case wan.FramePing:
+		s.reply(wan.Header{Type: wan.FramePong, Seq: f.Seq}, nil)
+	case wan.FramePong:
+	case wan.FrameWrite, wan.FrameZero, wan.FrameResyncData:
+		return s.applyRemote(f)
+	case wan.FrameFlush:
+		s.applying.Wait()
+		errno := uint32(0)
+		if err := s.v.syncData(); err != nil {
+			errno = 5
+		}
+		s.reply(wan.Header{Type: wan.FrameAck, Seq: f.Seq, Errno: errno}, nil)
+	case wan.FrameResyncDone:
+		var g wan.Generations
+		if err := g.UnmarshalBinary(f.Payload); err != nil {
+			return err
+		}
+		return s.resyncDone(f.Seq, g)
+	case wan.FrameDigestReq:
+		return s.digestReq(f)
+	case wan.FrameDigest:
+		s.digestReply(f)
+	case wan.FrameState:
+		var st wan.StateUpdate
+		if err := st.UnmarshalBinary(f.Payload); err != nil {
+			return err
+		}
+		s.peerState(st)
+	case wan.FrameClose:
+		return fmt.Errorf("peer closed: %s", f.Payload)
+	default:
+		return fmt.Errorf("%w: unexpected %s", wan.ErrMalformed, f.Type)
+	}
+	return nil
+}
+
+// acked retires a transfer-log entry.
+func (s *session) acked(seq uint64, errno uint32) {
+	s.qmu.Lock()
+	e := s.tl[seq]
+	delete(s.tl, seq)
+	s.qmu.Unlock()
+	if e == nil {
+		return
+	}
+	if errno != 0 && e.kind != entDigest {
+		// The peer's disk failed the request: out of sync, and the peer's
+		// disk is not to be trusted further in this session.
+		if e.kind == entWrite || e.kind == entResync {
+			s.v.dirty.Set(e.off, e.n)
+		}
+		s.fail(fmt.Errorf("peer disk error %d at offset %d", errno, e.off))
+	}
+	switch e.kind {
+	case entWrite:
+		if e.done != nil {
+			e.done <- nil
+		} else {
+			s.release(e.n)
+		}
+	case entFlush:
+		if e.done != nil {
+			e.done <- nil
+		}
+	case entResync:
+		if errno == 0 && e.epoch == s.epoch.Load() {
+			s.v.dirty.ClearRegions(e.off, e.n)
+		}
+		s.resync.acked(e.n)
+	}
+}
+
+// applyRemote writes a frame from the Primary onto the local disk. Sync
+// writes may be applied concurrently (the Primary never has two
+// overlapping ones in flight); everything else is applied in stream order.
+func (s *session) applyRemote(f wan.Frame) error {
+	v := s.v
+	if v.Role() == RolePrimary {
+		return errors.New("peer sent writes to a Primary")
+	}
+	o := op{kind: opWrite, p: f.Payload, off: int64(f.Offset), n: int64(len(f.Payload)), fua: f.Flags&wan.FlagFUA != 0}
+	if f.Type == wan.FrameZero {
+		n, err := wan.GetU64(f.Payload)
+		if err != nil {
+			return err
+		}
+		o = op{kind: opZero, off: int64(f.Offset), n: int64(n), fua: o.fua, mayUnmap: f.Flags&wan.FlagUnmap != 0}
+	}
+	if o.off < 0 || o.n < 0 || o.off+o.n > v.size {
+		return fmt.Errorf("%w: %s past the end (%d+%d > %d)", wan.ErrMalformed, f.Type, o.off, o.n, v.size)
+	}
+	if f.Type == wan.FrameResyncData && !s.syncing.Load() {
+		// The first resync data makes this disk Inconsistent until the
+		// source says the resync is done: a half-copied disk must never
+		// be promoted.
+		if err := v.setDisk(DiskInconsistent); err != nil {
+			return err
+		}
+		s.syncing.Store(true)
+		s.qmu.Lock()
+		s.repl = ReplSyncTarget
+		s.qmu.Unlock()
+		go v.ev.emit("peer", v.Status())
+	}
+	if f.Type == wan.FrameResyncData {
+		s.l.stats.resyncBytes.Add(uint64(o.n))
+	}
+	if f.Type == wan.FrameWrite && f.Flags&wan.FlagSync != 0 && s.r.Buffered() > 0 {
+		o.p = s.r.Detach()
+		s.applying.Add(1)
+		go func() {
+			defer s.applying.Done()
+			s.ackApply(f.Seq, v.apply(o))
+		}()
+		return nil
+	}
+	s.ackApply(f.Seq, v.apply(o))
+	return nil
+}
+
+func (s *session) ackApply(seq uint64, err error) {
+	errno := uint32(0)
+	if err != nil {
+		errno = 5
+		s.l.log.Error().Err(err).Msg("applying peer write failed")
+	}
+	s.reply(wan.Header{Type: wan.FrameAck, Seq: seq, Errno: errno}, nil)
+}
+
+func (s *session) peerState(st wan.StateUpdate) {
+	l := s.l
+	l.mu.Lock()
+	if l.peerHello != nil {
+		l.peerHello.Role = st.Role
+		l.peerHello.Disk = st.Disk
+		l.peerHello.Gen = st.Gen
+	}
+	l.mu.Unlock()
+	s.qmu.Lock()
+	established := s.repl == ReplEstablished
+	s.qmu.Unlock()
+	// A Secondary in sync follows the Primary's generation (a pristine
+	// pair's first promotion, say).
+	if established && Role(st.Role) == RolePrimary && s.v.Role() == RoleSecondary && st.Gen.Bitmap == 0 {
+		s.v.adoptGeneration(st.Gen)
+	}
+	s.v.ev.emit("peer", s.v.Status())
+}
+
+// sendState tells the peer about a role or generation change.
+func (s *session) sendState() {
+	st := wan.StateUpdate{Role: uint8(s.v.Role()), Disk: uint8(s.v.Disk()), Gen: s.v.wanGen()}
+	b, err := st.MarshalBinary()
+	if err != nil {
+		return
+	}
+	s.reply(wan.Header{Type: wan.FrameState}, b)
+}
+
+func (s *session) replState() ReplState {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	return s.repl
+}
+
+func sha(p []byte) [32]byte { return sha256.Sum256(p) }

@@ -1,0 +1,155 @@
+package mirror
+
+import (
+	"encoding/json"
+	"sync"
+	"time"
+)
+
+// Status is a point-in-time view of the volume, shaped like drbdadm status.
+type Status struct {
+	Volume         string      `json:"volume"`
+	Node           string      `json:"node"`
+	Role           string      `json:"role"`
+	Disk           string      `json:"disk"`
+	SizeBytes      int64       `json:"size_bytes"`
+	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
+	Generations    string      `json:"generations,omitempty"`
+	Peer           *PeerStatus `json:"peer,omitempty"`
+}
+
+// PeerStatus describes the replication link.
+type PeerStatus struct {
+	Node           string        `json:"node"`
+	Address        string        `json:"address,omitempty"`
+	Mode           string        `json:"mode"`
+	Connection     string        `json:"connection"`
+	Replication    string        `json:"replication"`
+	PeerRole       string        `json:"peer_role"`
+	PeerDisk       string        `json:"peer_disk"`
+	SplitBrain     bool          `json:"split_brain"`
+	InFlightWrites int           `json:"in_flight_writes"`
+	InFlightBytes  int64         `json:"in_flight_bytes"`
+	SentBytes      uint64        `json:"sent_bytes"`
+	ReceivedBytes  uint64        `json:"received_bytes"`
+	ResyncBytes    uint64        `json:"resync_bytes"`
+	Resync         *ResyncStatus `json:"resync,omitempty"`
+	Reason         string        `json:"reason,omitempty"`
+}
+
+// Status reports the volume's state.
+func (v *Volume) Status() Status {
+	st := Status{
+		Volume: v.name, Node: v.node, Role: v.Role().String(), Disk: v.Disk().String(),
+		SizeBytes: v.size, OutOfSyncBytes: v.dirty.DirtyBytes(),
+	}
+	if v.meta != nil {
+		st.Generations = genString(v.meta.snapshot().gen)
+	}
+	if v.link == nil {
+		return st
+	}
+	l := v.link
+	ps := &PeerStatus{Node: l.cfg.Node, Address: l.cfg.Address, Mode: l.cfg.Mode.String(),
+		PeerRole: RoleUnknown.String(), PeerDisk: DiskDUnknown.String(), Replication: string(ReplOff),
+		SentBytes: l.stats.sentBytes.Load(), ReceivedBytes: l.stats.recvBytes.Load(), ResyncBytes: l.stats.resyncBytes.Load(),
+	}
+	l.mu.Lock()
+	ps.Connection = string(l.conn)
+	ps.SplitBrain = l.splitBrain
+	ps.Reason = l.reason
+	s := l.sess
+	if s != nil && l.peerHello != nil {
+		ps.PeerRole = Role(l.peerHello.Role).String()
+		ps.PeerDisk = DiskState(l.peerHello.Disk).String()
+	}
+	l.mu.Unlock()
+	if s != nil {
+		s.qmu.Lock()
+		ps.Replication = string(s.repl)
+		for _, e := range s.tl {
+			if e.kind == entWrite {
+				ps.InFlightWrites++
+				ps.InFlightBytes += e.n
+			}
+		}
+		s.qmu.Unlock()
+		if ps.Replication == string(ReplSyncSource) || ps.Replication == string(ReplSyncTarget) {
+			ps.Resync = s.resync.status(st.OutOfSyncBytes)
+		}
+		// The target learns its peer is UpToDate from the resync's end.
+		if ps.Replication == string(ReplSyncSource) {
+			ps.PeerDisk = DiskInconsistent.String()
+		}
+	}
+	st.Peer = ps
+	return st
+}
+
+// Event is one state change, as a JSON line in `mirrord events`.
+type Event struct {
+	Time   time.Time `json:"time"`
+	Type   string    `json:"type"` // volume, peer, split-brain, ...
+	Status Status    `json:"status"`
+}
+
+// eventBus fans state changes out to subscribers. A slow subscriber loses
+// events rather than stalling the volume.
+type eventBus struct {
+	mu     sync.Mutex
+	subs   map[chan Event]struct{}
+	closed bool
+}
+
+func (b *eventBus) emit(typ string, st Status) {
+	e := Event{Time: time.Now().UTC(), Type: typ, Status: st}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for c := range b.subs {
+		select {
+		case c <- e:
+		default:
+		}
+	}
+}
+
+// Subscribe returns a channel of events and a cancel function. The channel
+// closes when the volume closes.
+func (v *Volume) Subscribe() (<-chan Event, func()) {
+	b := &v.ev
+	c := make(chan Event, 256)
+	b.mu.Lock()
+	if b.subs == nil {
+		b.subs = make(map[chan Event]struct{})
+	}
+	if b.closed {
+		close(c)
+	} else {
+		b.subs[c] = struct{}{}
+	}
+	b.mu.Unlock()
+	return c, func() {
+		b.mu.Lock()
+		if _, ok := b.subs[c]; ok {
+			delete(b.subs, c)
+			close(c)
+		}
+		b.mu.Unlock()
+	}
+}
+
+func (b *eventBus) close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closed = true
+	for c := range b.subs {
+		delete(b.subs, c)
+		close(c)
+	}
+}
+
+// MarshalJSON keeps Event's shape stable.
+func (e Event) MarshalJSON() ([]byte, error) {
+	type plain Event
+	return json.Marshal(plain(e))
+}
