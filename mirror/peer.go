@@ -413,3 +413,11 @@ func (l *link) flush() {
 }
 
 var errIO = fmt.Errorf("metadata update failed: %w", syscall.EIO)
+
+// PeerListenAddr is the address peers connect to (nil without a listener).
+func (v *Volume) PeerListenAddr() net.Addr {
+	if v.link == nil || v.link.ln == nil {
+		return nil
+	}
+	return v.link.ln.Addr()
+}

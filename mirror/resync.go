@@ -231,8 +231,7 @@ func (s *session) sendResync(off, n int64) bool {
 	}
 	e := &tlEntry{kind: entResync, off: off, n: n, epoch: s.epoch.Load()}
 	s.resync.sent(n)
-	if _, ok := s.enqueue(wan.Header{Type: wan.FrameResyncData, Offset: uint64(off)}, *buf, buf, e); !ok {
-		putOwned(buf)
+	if _, ok := s.transmit(wan.Header{Type: wan.FrameResyncData, Offset: uint64(off)}, *buf, buf, e); !ok {
 		s.resync.acked(n)
 		return false
 	}
@@ -357,7 +356,7 @@ func (s *session) runVerify(ctx context.Context, progress func(done, total int64
 			vr.mu.Lock()
 			vr.inflight++
 			vr.mu.Unlock()
-			_, ok = s.enqueue(wan.Header{Type: wan.FrameDigestReq, Offset: uint64(off)}, wan.PutU64(uint64(n)), nil, e)
+			_, ok = s.transmit(wan.Header{Type: wan.FrameDigestReq, Offset: uint64(off)}, wan.PutU64(uint64(n)), nil, e)
 		}
 		v.rl.unlock(off, n)
 		if err != nil {

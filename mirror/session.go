@@ -27,6 +27,15 @@ type session struct {
 	w    *wan.Writer
 	peer wan.Hello
 
+	// wmu serializes writes to the stream; it is taken before qmu. In sync
+	// mode the goroutine that has a frame writes it itself and the last of
+	// a burst flushes (pending counts writers on their way), so a write
+	// costs no hand-off to another goroutine. Async frames go through the
+	// queue and sendLoop instead, so that a slow link never blocks the
+	// application.
+	wmu     sync.Mutex
+	pending atomic.Int32
+
 	// qmu guards the send queue, the transfer log and the state below.
 	qmu      sync.Mutex
 	queue    []outFrame
@@ -237,12 +246,13 @@ func (s *session) exchangeBitmaps() (*bitmap.Bitmap, error) {
 // run starts the session's goroutines; done closes when it has ended and
 // the transfer log has been folded into the bitmap.
 func (s *session) run() {
+	source := s.repl == ReplSyncSource // read before the loops may change it
 	s.loops.Add(3)
 	go s.sendLoop()
 	go s.recvLoop()
 	go s.watchdog()
 	s.v.ev.emit("peer", s.v.Status())
-	if s.repl == ReplSyncSource {
+	if source {
 		go s.runResync()
 	}
 }
@@ -327,8 +337,63 @@ func (s *session) wake() {
 	}
 }
 
-// enqueue appends a frame (and, with e, a transfer-log entry) under one
-// sequence number. It reports false once the session is closing.
+// transmit sends a frame (and, with e, records a transfer-log entry) under
+// a new sequence number: queued in async mode, written directly in sync
+// mode. It reports false once the session is closing. owned, if set, is
+// released once the frame no longer needs it.
+func (s *session) transmit(h wan.Header, payload []byte, owned *[]byte, e *tlEntry) (uint64, bool) {
+	if s.l.cfg.Mode == ModeAsync {
+		return s.enqueue(h, payload, owned, e)
+	}
+	seq, ok := s.direct(h, payload, e, false)
+	putOwned(owned)
+	return seq, ok
+}
+
+// direct writes one frame from the calling goroutine. With e it takes a
+// sequence number; hold defers the flush to a later frame (the receiver
+// batching acks while more requests are buffered).
+func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, hold bool) (uint64, bool) {
+	s.pending.Add(1)
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.qmu.Lock()
+	if s.closed {
+		s.qmu.Unlock()
+		s.pending.Add(-1)
+		return 0, false
+	}
+	if e != nil {
+		s.seq++
+		h.Seq = s.seq
+		e.sent = time.Now()
+		s.tl[h.Seq] = e
+	}
+	s.qmu.Unlock()
+	err := s.w.WriteFrame(h, payload)
+	last := s.pending.Add(-1) == 0
+	if err == nil && ((last && !hold) || len(payload) >= 64<<10 || s.w.Buffered() >= 256<<10) {
+		err = s.w.Flush()
+	}
+	if err != nil {
+		s.fail(fmt.Errorf("send: %w", err))
+	}
+	s.l.stats.sentBytes.Add(uint64(len(payload) + wan.HeaderSize))
+	return h.Seq, true
+}
+
+// flushHeld sends whatever held replies are buffered.
+func (s *session) flushHeld() {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.w.Buffered() > 0 && s.pending.Load() == 0 {
+		if err := s.w.Flush(); err != nil {
+			s.fail(fmt.Errorf("send: %w", err))
+		}
+	}
+}
+
+// enqueue appends a frame to the async queue under a new sequence number.
 func (s *session) enqueue(h wan.Header, payload []byte, owned *[]byte, e *tlEntry) (uint64, bool) {
 	s.qmu.Lock()
 	if s.closed {
@@ -347,22 +412,21 @@ func (s *session) enqueue(h wan.Header, payload []byte, owned *[]byte, e *tlEntr
 	return h.Seq, true
 }
 
-// reply queues a frame that needs no acknowledgement (acks, pongs,
-// digests); a closing session drops it.
+// reply sends a frame that needs no acknowledgement (acks, pongs,
+// digests, state); a closing session drops it. The receiver holds the
+// flush while more frames are buffered, so acks of a burst share one
+// syscall.
 func (s *session) reply(h wan.Header, payload []byte) {
-	s.qmu.Lock()
-	if !s.closed {
-		s.queue = append(s.queue, outFrame{h: h, payload: payload})
-	}
-	s.qmu.Unlock()
-	s.wake()
+	s.direct(h, payload, nil, false)
 }
 
+func (s *session) replyHeld(h wan.Header, payload []byte) {
+	s.direct(h, payload, nil, s.r.Buffered() > 0)
+}
+
+// sendLoop ships the async queue in order.
 func (s *session) sendLoop() {
 	defer s.loops.Done()
-	ping := time.NewTicker(s.l.cfg.PingInterval)
-	defer ping.Stop()
-	var sent []outFrame
 	for {
 		s.qmu.Lock()
 		batch := s.queue
@@ -375,36 +439,39 @@ func (s *session) sendLoop() {
 		if len(batch) == 0 {
 			select {
 			case <-s.kick:
-			case <-ping.C:
-				s.reply(wan.Header{Type: wan.FramePing, Seq: uint64(time.Now().UnixNano())}, nil)
+			case <-s.done:
+				return
 			}
 			s.spare = batch
 			continue
 		}
-		for _, f := range batch {
-			if err := s.w.WriteFrame(f.h, f.payload); err != nil {
-				s.fail(fmt.Errorf("send: %w", err))
-				return
-			}
-			s.l.stats.sentBytes.Add(uint64(len(f.payload) + wan.HeaderSize))
-			if s.w.Buffered() >= 256<<10 {
-				if err := s.w.Flush(); err != nil {
-					s.fail(fmt.Errorf("send: %w", err))
-					return
-				}
-			}
-		}
-		if err := s.w.Flush(); err != nil {
+		if err := s.writeBatch(batch); err != nil {
 			s.fail(fmt.Errorf("send: %w", err))
 			return
 		}
-		sent = batch
-		for i := range sent {
-			putOwned(sent[i].owned)
-			sent[i] = outFrame{}
+		for i := range batch {
+			putOwned(batch[i].owned)
+			batch[i] = outFrame{}
 		}
-		s.spare = sent[:0]
+		s.spare = batch[:0]
 	}
+}
+
+func (s *session) writeBatch(batch []outFrame) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	for _, f := range batch {
+		if err := s.w.WriteFrame(f.h, f.payload); err != nil {
+			return err
+		}
+		s.l.stats.sentBytes.Add(uint64(len(f.payload) + wan.HeaderSize))
+		if s.w.Buffered() >= 256<<10 {
+			if err := s.w.Flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return s.w.Flush()
 }
 
 // watchdog declares the peer lost when it has been silent, or has left a
@@ -413,11 +480,16 @@ func (s *session) watchdog() {
 	defer s.loops.Done()
 	tick := time.NewTicker(s.l.cfg.PingInterval / 2)
 	defer tick.Stop()
+	var lastPing time.Time
 	for {
 		select {
 		case <-s.done:
 			return
 		case <-tick.C:
+		}
+		if time.Since(lastPing) >= s.l.cfg.PingInterval {
+			lastPing = time.Now()
+			s.reply(wan.Header{Type: wan.FramePing, Seq: uint64(lastPing.UnixNano())}, nil)
 		}
 		s.qmu.Lock()
 		closed := s.closed
@@ -500,7 +572,7 @@ func (s *session) replicate(o op) (ok bool, err error) {
 		payload = o.p // the sender is done with it before we are released
 	}
 	e := &tlEntry{kind: entWrite, off: o.off, n: o.n, done: make(chan error, 1)}
-	if _, ok := s.enqueue(h, payload, nil, e); !ok {
+	if _, ok := s.direct(h, payload, e, false); !ok {
 		return false, nil
 	}
 	lerr := v.apply(o)
@@ -550,7 +622,7 @@ func (s *session) flush() {
 	if s.l.cfg.Mode == ModeSync {
 		e.done = make(chan error, 1)
 	}
-	if _, ok := s.enqueue(wan.Header{Type: wan.FrameFlush}, nil, nil, e); !ok {
+	if _, ok := s.transmit(wan.Header{Type: wan.FrameFlush}, nil, nil, e); !ok {
 		return
 	}
 	if e.done != nil {
@@ -572,6 +644,9 @@ func (s *session) recvLoop() {
 			s.fail(err)
 			return
 		}
+		if s.r.Buffered() == 0 {
+			s.flushHeld()
+		}
 	}
 }
 
@@ -580,7 +655,7 @@ func (s *session) handle(f wan.Frame) error {
 	case wan.FrameAck:
 		s.acked(f.Seq, f.Errno)
 	case wan.FramePing:
-		s.reply(wan.Header{Type: wan.FramePong, Seq: f.Seq}, nil)
+		s.replyHeld(wan.Header{Type: wan.FramePong, Seq: f.Seq}, nil)
 	case wan.FramePong:
 	case wan.FrameWrite, wan.FrameZero, wan.FrameResyncData:
 		return s.applyRemote(f)
@@ -590,7 +665,7 @@ func (s *session) handle(f wan.Frame) error {
 		if err := s.v.syncData(); err != nil {
 			errno = 5
 		}
-		s.reply(wan.Header{Type: wan.FrameAck, Seq: f.Seq, Errno: errno}, nil)
+		s.replyHeld(wan.Header{Type: wan.FrameAck, Seq: f.Seq, Errno: errno}, nil)
 	case wan.FrameResyncDone:
 		var g wan.Generations
 		if err := g.UnmarshalBinary(f.Payload); err != nil {
@@ -691,21 +766,21 @@ func (s *session) applyRemote(f wan.Frame) error {
 		s.applying.Add(1)
 		go func() {
 			defer s.applying.Done()
-			s.ackApply(f.Seq, v.apply(o))
+			s.ackApply(f.Seq, v.apply(o), false)
 		}()
 		return nil
 	}
-	s.ackApply(f.Seq, v.apply(o))
+	s.ackApply(f.Seq, v.apply(o), s.r.Buffered() > 0)
 	return nil
 }
 
-func (s *session) ackApply(seq uint64, err error) {
+func (s *session) ackApply(seq uint64, err error, hold bool) {
 	errno := uint32(0)
 	if err != nil {
 		errno = 5
 		s.l.log.Error().Err(err).Msg("applying peer write failed")
 	}
-	s.reply(wan.Header{Type: wan.FrameAck, Seq: seq, Errno: errno}, nil)
+	s.direct(wan.Header{Type: wan.FrameAck, Seq: seq, Errno: errno}, nil, nil, hold)
 }
 
 func (s *session) peerState(st wan.StateUpdate) {

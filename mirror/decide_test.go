@@ -1,0 +1,69 @@
+package mirror
+
+import "testing"
+
+func TestDecide(t *testing.T) {
+	const X, Y, Z, W = 0x10, 0x20, 0x30, 0x40
+	up := func(name string, r Role, g Generations) nodeState {
+		return nodeState{Name: name, Role: r, Disk: DiskUpToDate, Gen: g}
+	}
+	tests := []struct {
+		name   string
+		l, p   nodeState
+		action Action
+		full   bool
+	}{
+		{"pristine pair", nodeState{Name: "a", Pristine: true, Disk: DiskUpToDate}, nodeState{Name: "b", Pristine: true, Disk: DiskUpToDate}, ActNone, false},
+		{"same generation", up("a", RolePrimary, Generations{Current: X}), up("b", RoleSecondary, Generations{Current: X}), ActNone, false},
+		{"primary wrote while peer away", up("a", RolePrimary, Generations{Current: Y, Bitmap: X}), up("b", RoleSecondary, Generations{Current: X}), ActSource, false},
+		{"peer wrote while we were away", up("a", RoleSecondary, Generations{Current: X}), up("b", RolePrimary, Generations{Current: Y, Bitmap: X}), ActTarget, false},
+		{"split brain: both moved on from X", up("a", RoleSecondary, Generations{Current: Y, Bitmap: X}), up("b", RoleSecondary, Generations{Current: Z, Bitmap: X}), ActSplitBrain, false},
+		{"split brain, discard mine", func() nodeState {
+			n := up("a", RoleSecondary, Generations{Current: Y, Bitmap: X})
+			n.DiscardMine = true
+			return n
+		}(), up("b", RoleSecondary, Generations{Current: Z, Bitmap: X}), ActTarget, false},
+		{"split brain, peer discards", up("a", RoleSecondary, Generations{Current: Y, Bitmap: X}), func() nodeState {
+			n := up("b", RoleSecondary, Generations{Current: Z, Bitmap: X})
+			n.DiscardMine = true
+			return n
+		}(), ActSource, false},
+		{"older generation without bitmap: full", up("a", RolePrimary, Generations{Current: Z, History: [2]uint64{X, W}}), up("b", RoleSecondary, Generations{Current: W}), ActSource, true},
+		{"unrelated data", up("a", RoleSecondary, Generations{Current: X}), up("b", RoleSecondary, Generations{Current: Y}), ActUnrelated, false},
+		{"both primary", up("a", RolePrimary, Generations{Current: X}), up("b", RolePrimary, Generations{Current: X}), ActBothPrimary, false},
+		{"peer new and empty: full", up("a", RolePrimary, Generations{Current: X}), nodeState{Name: "b", Disk: DiskInconsistent}, ActSource, true},
+		{"both inconsistent", nodeState{Name: "a", Disk: DiskInconsistent, Gen: Generations{Current: X}}, nodeState{Name: "b", Disk: DiskInconsistent}, ActNoSource, false},
+		{"interrupted resync resumes by bitmap", up("a", RolePrimary, Generations{Current: Y, Bitmap: X}), nodeState{Name: "b", Disk: DiskInconsistent, Gen: Generations{Current: X}}, ActSource, false},
+		{"primary behind refuses", up("a", RolePrimary, Generations{Current: X}), up("b", RoleSecondary, Generations{Current: Y, Bitmap: X}), ActPrimaryBehind, false},
+		{"returning old primary demoted is target", up("a", RoleSecondary, Generations{Current: X}), up("b", RolePrimary, Generations{Current: Y, Bitmap: X}), ActTarget, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := decide(tc.l, tc.p)
+			if d.Action != tc.action || d.Full != tc.full {
+				t.Fatalf("decide = %v full=%v (%s), want %v full=%v", d.Action, d.Full, d.Reason, tc.action, tc.full)
+			}
+			// Both nodes must reach mirrored conclusions on their own.
+			r := decide(tc.p, tc.l)
+			want := map[Action]Action{ActSource: ActTarget, ActTarget: ActSource, ActPrimaryBehind: ActPeerPrimaryBehind, ActPeerPrimaryBehind: ActPrimaryBehind}[d.Action]
+			if want == 0 && d.Action != ActSource {
+				want = d.Action
+			}
+			if r.Action != want || r.Full != d.Full {
+				t.Fatalf("reverse decide = %v full=%v, want %v full=%v", r.Action, r.Full, want, d.Full)
+			}
+		})
+	}
+}
+
+func TestPrimaryFirstIsAntisymmetric(t *testing.T) {
+	a := nodeState{Name: "a", Role: RoleSecondary}
+	b := nodeState{Name: "b", Role: RoleSecondary}
+	if primaryFirst(a, b) == primaryFirst(b, a) {
+		t.Fatal("both or neither chose themselves as source")
+	}
+	b.Role = RolePrimary
+	if primaryFirst(a, b) || !primaryFirst(b, a) {
+		t.Fatal("the Primary must be the source")
+	}
+}
