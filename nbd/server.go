@@ -264,7 +264,6 @@ type conn struct {
 	log zerolog.Logger
 
 	budget   budget
-	active   atomic.Int32 // requests dispatched, not yet answered
 	handlers sync.WaitGroup
 	stopping atomic.Bool
 
@@ -372,18 +371,11 @@ func (c *conn) transmit() (graceful bool) {
 		r.cost = max(int64(r.Length), minRequestCost)
 		c.budget.acquire(r.cost)
 		c.handlers.Add(1)
-		// A lone read or write is served on this goroutine: at queue depth
-		// one, handing it to another goroutine only adds a wake-up to the
-		// latency. Anything that may block for long (flush, the replicated
-		// write in later modes is still a WriteAt) waits its turn only when
-		// nothing else is queued.
-		if (r.Type == CmdRead || r.Type == CmdWrite) && c.br.Buffered() == 0 && c.active.Load() == 0 {
-			c.active.Add(1)
-			c.handle(&r)
-		} else {
-			c.active.Add(1)
-			go c.handle(&r)
-		}
+		// Every request gets its own goroutine, even a lone one: the reader
+		// cannot know whether the device will block on it (a replicated
+		// write waiting for its peer), and a request served here would stop
+		// the next ones from even being read until it returns.
+		go c.handle(&r)
 	}
 }
 
@@ -392,8 +384,9 @@ func (c *conn) transmit() (graceful bool) {
 func (c *conn) check(r *request, size uint64) uint32 {
 	var allowed uint16
 	switch r.Type {
-	case CmdRead:
-	case CmdWrite:
+	case CmdRead, CmdWrite:
+		// FUA is valid on every command and must be accepted even where
+		// it means nothing (the spec; clients do set it on reads).
 		allowed = CmdFlagFUA
 	case CmdFlush:
 		allowed = CmdFlagFUA
@@ -467,7 +460,6 @@ func (c *conn) handle(r *request) {
 		err = writeZeroes(dev, off, n, r.CommandFlags&CmdFlagNoHole == 0, fua)
 		st.zeroes.Add(1)
 	}
-	c.budget.release(r.cost)
 	errno := uint32(0)
 	if err != nil {
 		errno = errnoOf(err)
@@ -485,7 +477,10 @@ func (c *conn) handle(r *request) {
 	} else {
 		c.reply(r.Handle, errno, nil)
 	}
-	c.active.Add(-1)
+	// The request counts against the budget until its reply is written:
+	// a client that does not read replies must stop the reader, not leave
+	// read data piling up in handlers waiting to write it.
+	c.budget.release(r.cost)
 }
 
 // zeroChunk is the most zero data writeZeroes sends per WriteAt when the
