@@ -27,14 +27,11 @@ type session struct {
 	w    *wan.Writer
 	peer wan.Hello
 
-	// wmu serializes writes to the stream; it is taken before qmu. In sync
-	// mode the goroutine that has a frame writes it itself and the last of
-	// a burst flushes (pending counts writers on their way), so a write
-	// costs no hand-off to another goroutine. Async frames go through the
-	// queue and sendLoop instead, so that a slow link never blocks the
-	// application.
-	wmu     sync.Mutex
-	pending atomic.Int32
+	// out carries every frame after the handshake, with group commit. In
+	// sync mode the goroutine that has a frame hands it to out itself (no
+	// hand-off to another goroutine); async frames go through the queue
+	// and sendLoop, so that a slow link never blocks the application.
+	out *sendPath
 
 	// qmu guards the send queue, the transfer log and the state below.
 	qmu      sync.Mutex
@@ -171,6 +168,7 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		_ = v.clearDiscardFlags()
 	}
 	_ = c.SetDeadline(time.Time{})
+	s.out = newSendPath(c)
 	s.repl = role
 	s.lastRecv.Store(time.Now().UnixNano())
 	if role == ReplSyncSource {
@@ -283,6 +281,7 @@ func (s *session) fail(err error) {
 func (s *session) teardown() {
 	s.loops.Wait()
 	s.applying.Wait()
+	s.out.idle()
 	l, v := s.l, s.v
 	l.mu.Lock()
 	if l.sess == s {
@@ -345,51 +344,47 @@ func (s *session) transmit(h wan.Header, payload []byte, owned *[]byte, e *tlEnt
 	if s.l.cfg.Mode == ModeAsync {
 		return s.enqueue(h, payload, owned, e)
 	}
-	seq, ok := s.direct(h, payload, e, false)
+	mode := sendFlush
+	if owned != nil {
+		mode = sendWait // the buffer goes back to the pool right after
+	}
+	seq, ok := s.direct(h, payload, e, mode)
 	putOwned(owned)
 	return seq, ok
 }
 
-// direct writes one frame from the calling goroutine. With e it takes a
-// sequence number; hold defers the flush to a later frame (the receiver
-// batching acks while more requests are buffered).
-func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, hold bool) (uint64, bool) {
-	s.pending.Add(1)
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	s.qmu.Lock()
-	if s.closed {
-		s.qmu.Unlock()
-		s.pending.Add(-1)
-		return 0, false
-	}
-	if e != nil {
-		s.seq++
-		h.Seq = s.seq
-		e.sent = time.Now()
-		s.tl[h.Seq] = e
-	}
-	s.qmu.Unlock()
-	err := s.w.WriteFrame(h, payload)
-	last := s.pending.Add(-1) == 0
-	if err == nil && ((last && !hold) || len(payload) >= 64<<10 || s.w.Buffered() >= 256<<10) {
-		err = s.w.Flush()
-	}
+// direct sends one frame from the calling goroutine. With e it takes a
+// sequence number and a transfer-log entry.
+func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode) (uint64, bool) {
+	var seq uint64
+	ok, err := s.out.send(h, payload, mode, func(h *wan.Header) bool {
+		s.qmu.Lock()
+		defer s.qmu.Unlock()
+		if s.closed {
+			return false
+		}
+		if e != nil {
+			s.seq++
+			h.Seq = s.seq
+			seq = h.Seq
+			e.sent = time.Now()
+			s.tl[h.Seq] = e
+		}
+		return true
+	})
 	if err != nil {
 		s.fail(fmt.Errorf("send: %w", err))
 	}
-	s.l.stats.sentBytes.Add(uint64(len(payload) + wan.HeaderSize))
-	return h.Seq, true
+	if ok {
+		s.l.stats.sentBytes.Add(uint64(len(payload) + wan.HeaderSize))
+	}
+	return seq, ok
 }
 
 // flushHeld sends whatever held replies are buffered.
 func (s *session) flushHeld() {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	if s.w.Buffered() > 0 && s.pending.Load() == 0 {
-		if err := s.w.Flush(); err != nil {
-			s.fail(fmt.Errorf("send: %w", err))
-		}
+	if err := s.out.flushHeld(); err != nil {
+		s.fail(fmt.Errorf("send: %w", err))
 	}
 }
 
@@ -417,11 +412,20 @@ func (s *session) enqueue(h wan.Header, payload []byte, owned *[]byte, e *tlEntr
 // flush while more frames are buffered, so acks of a burst share one
 // syscall.
 func (s *session) reply(h wan.Header, payload []byte) {
-	s.direct(h, payload, nil, false)
+	s.direct(h, payload, nil, sendFlush)
 }
 
 func (s *session) replyHeld(h wan.Header, payload []byte) {
-	s.direct(h, payload, nil, s.r.Buffered() > 0)
+	s.direct(h, payload, nil, s.holdMode())
+}
+
+// holdMode lets the receiver batch replies while more frames are already
+// buffered; it must only be called from the receive loop.
+func (s *session) holdMode() sendMode {
+	if s.r.Buffered() > 0 {
+		return sendHold
+	}
+	return sendFlush
 }
 
 // sendLoop ships the async queue in order.
@@ -458,20 +462,17 @@ func (s *session) sendLoop() {
 }
 
 func (s *session) writeBatch(batch []outFrame) error {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	for _, f := range batch {
-		if err := s.w.WriteFrame(f.h, f.payload); err != nil {
+	for i, f := range batch {
+		mode := sendFlush
+		if i == len(batch)-1 {
+			mode = sendWait // then every owned buffer of the batch is free
+		}
+		if _, err := s.out.send(f.h, f.payload, mode, nil); err != nil {
 			return err
 		}
 		s.l.stats.sentBytes.Add(uint64(len(f.payload) + wan.HeaderSize))
-		if s.w.Buffered() >= 256<<10 {
-			if err := s.w.Flush(); err != nil {
-				return err
-			}
-		}
 	}
-	return s.w.Flush()
+	return nil
 }
 
 // watchdog declares the peer lost when it has been silent, or has left a
@@ -572,7 +573,7 @@ func (s *session) replicate(o op) (ok bool, err error) {
 		payload = o.p // the sender is done with it before we are released
 	}
 	e := &tlEntry{kind: entWrite, off: o.off, n: o.n, done: make(chan error, 1)}
-	if _, ok := s.direct(h, payload, e, false); !ok {
+	if _, ok := s.direct(h, payload, e, sendFlush); !ok {
 		return false, nil
 	}
 	lerr := v.apply(o)
@@ -766,21 +767,21 @@ func (s *session) applyRemote(f wan.Frame) error {
 		s.applying.Add(1)
 		go func() {
 			defer s.applying.Done()
-			s.ackApply(f.Seq, v.apply(o), false)
+			s.ackApply(f.Seq, v.apply(o), sendFlush)
 		}()
 		return nil
 	}
-	s.ackApply(f.Seq, v.apply(o), s.r.Buffered() > 0)
+	s.ackApply(f.Seq, v.apply(o), s.holdMode())
 	return nil
 }
 
-func (s *session) ackApply(seq uint64, err error, hold bool) {
+func (s *session) ackApply(seq uint64, err error, mode sendMode) {
 	errno := uint32(0)
 	if err != nil {
 		errno = 5
 		s.l.log.Error().Err(err).Msg("applying peer write failed")
 	}
-	s.direct(wan.Header{Type: wan.FrameAck, Seq: seq, Errno: errno}, nil, nil, hold)
+	s.direct(wan.Header{Type: wan.FrameAck, Seq: seq, Errno: errno}, nil, nil, mode)
 }
 
 func (s *session) peerState(st wan.StateUpdate) {
