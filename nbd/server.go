@@ -30,10 +30,11 @@ const (
 	// readBufferSize lets one read syscall pick up a whole queue of small
 	// requests at depth 32.
 	readBufferSize = 256 << 10
-	// Replies are gathered while more are about to be written; one larger
-	// than directReply goes out with writev instead of being copied.
-	flushThreshold = 128 << 10
-	directReply    = 32 << 10
+	// Replies collect while a write is in progress, up to
+	// maxPendingReplies bytes; one larger than directReply goes out with
+	// writev instead of being copied.
+	maxPendingReplies = 1 << 20
+	directReply       = 32 << 10
 
 	// handshakeTimeout stops a client that connects and says nothing from
 	// holding a connection forever.
@@ -158,6 +159,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 	}
 	c.budget.max = s.InflightBytes
 	c.budget.cond.L = &c.budget.mu
+	c.wcond.L = &c.wmu
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -267,10 +269,15 @@ type conn struct {
 	handlers sync.WaitGroup
 	stopping atomic.Bool
 
-	wmu     sync.Mutex
-	wbuf    []byte
-	pending atomic.Int32 // replies ready to be written
-	werr    error
+	// Replies use group commit: the goroutine that finds no write in
+	// progress writes the batch outside the lock while later replies
+	// collect in the other buffer.
+	wmu      sync.Mutex
+	wcond    sync.Cond
+	wbuf     []byte
+	walt     []byte
+	flushing bool
+	werr     error
 }
 
 // stop makes the reader return at its next read; requests already read are
@@ -504,34 +511,68 @@ func writeZeroes(dev Device, off, n int64, mayUnmap, fua bool) error {
 	return nil
 }
 
-// reply queues one simple reply. Replies are batched: the last writer of a
-// burst (pending drops to zero) sends them all in one syscall.
+// reply sends one simple reply. Under load many replies share a syscall:
+// while one goroutine writes a batch, the others append to the next one.
+// A reader too slow to take replies is pushed back on (maxPendingReplies),
+// so replies cannot pile up in memory.
 func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
-	c.pending.Add(1)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.werr == nil {
-		var h [replyHeaderSize]byte
-		binary.BigEndian.PutUint32(h[0:], magicReply)
-		binary.BigEndian.PutUint32(h[4:], errno)
-		binary.BigEndian.PutUint64(h[8:], cookie)
-		c.wbuf = append(c.wbuf, h[:]...)
-		if len(data) >= directReply {
-			bufs := net.Buffers{c.wbuf, data}
-			_, c.werr = bufs.WriteTo(c.nc)
-			c.wbuf = c.wbuf[:0]
-		} else {
-			c.wbuf = append(c.wbuf, data...)
-		}
-	}
-	if c.pending.Add(-1) == 0 || len(c.wbuf) >= flushThreshold {
-		if c.werr == nil && len(c.wbuf) > 0 {
-			_, c.werr = c.nc.Write(c.wbuf)
-		}
-		c.wbuf = c.wbuf[:0]
+	for c.werr == nil && c.flushing && len(c.wbuf) >= maxPendingReplies {
+		c.wcond.Wait()
 	}
 	if c.werr != nil {
-		// The client is gone; closing the socket stops the reader too.
-		_ = c.nc.Close()
+		return
 	}
+	large := len(data) >= directReply
+	// Large data goes out in place (writev), so its header must be the
+	// last bytes of the batch: wait for the writer first.
+	for large && c.flushing && c.werr == nil {
+		c.wcond.Wait()
+	}
+	if c.werr != nil {
+		return
+	}
+	var h [replyHeaderSize]byte
+	binary.BigEndian.PutUint32(h[0:], magicReply)
+	binary.BigEndian.PutUint32(h[4:], errno)
+	binary.BigEndian.PutUint64(h[8:], cookie)
+	c.wbuf = append(c.wbuf, h[:]...)
+	if large {
+		c.flushLocked(data)
+		return
+	}
+	c.wbuf = append(c.wbuf, data...)
+	if !c.flushing {
+		c.flushLocked(nil)
+	}
+}
+
+// flushLocked writes pending batches (the first followed by extra, if
+// any) until none is left. wmu is held on entry and exit.
+func (c *conn) flushLocked(extra []byte) {
+	c.flushing = true
+	for len(c.wbuf) > 0 && c.werr == nil {
+		buf := c.wbuf
+		c.wbuf = c.walt[:0]
+		c.wmu.Unlock()
+		var err error
+		if extra != nil {
+			bufs := net.Buffers{buf, extra}
+			_, err = bufs.WriteTo(c.nc)
+			extra = nil
+		} else {
+			_, err = c.nc.Write(buf)
+		}
+		c.wmu.Lock()
+		c.walt = buf[:0]
+		if err != nil {
+			c.werr = err
+			// The client is gone; closing the socket stops the reader too.
+			_ = c.nc.Close()
+		}
+		c.wcond.Broadcast()
+	}
+	c.flushing = false
+	c.wcond.Broadcast()
 }
