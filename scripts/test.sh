@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every test mirrord has, as CI runs it: formatting, go vet, staticcheck,
+# the unit tests under the race detector (fuzz seeds included), and the
+# end-to-end tests with real NBD clients, real mirrord processes, loop
+# devices and mounts (root). Installs what it needs. Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh test
+
+echo "== gofmt"
+bad=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+[ -z "$bad" ] || { echo "gofmt wants to rewrite: $bad" >&2; exit 1; }
+echo "== go vet"
+go vet ./...
+echo "== staticcheck"
+go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+echo "== unit tests (-race)"
+go test -race -count=1 -timeout 15m ./bitmap/ ./nbd/ ./wan/ ./mirror/ ./cmd/...
+echo "== end-to-end tests"
+go test -count=1 -timeout 30m ./tests/
