@@ -194,7 +194,6 @@ type meta struct {
 	mu       sync.Mutex
 	sb       superblock
 	alSeq    uint64
-	alNext   int // slot to write next
 	nosync   bool
 	metaPath string
 }
@@ -241,7 +240,8 @@ func openMeta(path string, size, regionSize int64, alExtents uint32, pristine bo
 		}
 		m.sb = sb
 		// Both slots get the initial superblock so neither holds garbage.
-		if err := m.writeSB(); err == nil {
+		err := m.writeSB()
+		if err == nil {
 			err = m.writeSB()
 		}
 		if err != nil {
