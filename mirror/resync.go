@@ -139,6 +139,13 @@ func (s *session) isClosed() bool {
 // cleared only as the peer acknowledges, and the bitmap is checkpointed to
 // disk as it shrinks.
 func (s *session) runResync() {
+	// A running loop re-scans until the bitmap is clean, so a second
+	// trigger (catch-up after Ahead, verify) has nothing to add; two loops
+	// could announce the end while the other still sends.
+	if !s.resyncRunning.CompareAndSwap(false, true) {
+		return
+	}
+	defer s.resyncRunning.Store(false)
 	v, cfg := s.v, s.l.cfg
 	log := s.l.log
 	log.Info().Int64("bytes", v.dirty.DirtyBytes()).Msg("resync started")

@@ -58,8 +58,9 @@ type session struct {
 	applying sync.WaitGroup
 	syncing  atomic.Bool // we are the sync target of a running resync
 
-	resync   resyncProgress
-	verifyMu sync.Mutex
+	resync        resyncProgress
+	resyncRunning atomic.Bool // one resync loop per session
+	verifyMu      sync.Mutex
 	verify   *verifyRun
 }
 
