@@ -61,7 +61,7 @@ type session struct {
 	resync        resyncProgress
 	resyncRunning atomic.Bool // one resync loop per session
 	verifyMu      sync.Mutex
-	verify   *verifyRun
+	verify        *verifyRun
 }
 
 type outFrame struct {
