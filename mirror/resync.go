@@ -145,7 +145,18 @@ func (s *session) runResync() {
 	if !s.resyncRunning.CompareAndSwap(false, true) {
 		return
 	}
-	defer s.resyncRunning.Store(false)
+	defer func() {
+		s.resyncRunning.Store(false)
+		// Bits set after the loop decided it was done (going Ahead at that
+		// moment) would otherwise wait for the next session.
+		if !s.isClosed() && !s.ahead.Load() && s.v.dirty.Count() > 0 {
+			s.qmu.Lock()
+			s.repl = ReplSyncSource
+			s.qmu.Unlock()
+			s.resync.start(s.v.dirty.DirtyBytes())
+			go s.runResync()
+		}
+	}()
 	v, cfg := s.v, s.l.cfg
 	log := s.l.log
 	log.Info().Int64("bytes", v.dirty.DirtyBytes()).Msg("resync started")
