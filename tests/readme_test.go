@@ -1,0 +1,144 @@
+package tests
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The README must stay true: its first command (the demo) runs here, its
+// defaults one-liner runs here, and every mirrord verb it shows exists.
+
+func TestREADMEDemoScript(t *testing.T) {
+	requireRoot(t)
+	requireTools(t, "nbdfuse", "mkfs.ext4", "e2fsck", "losetup", "fusermount3")
+	// A free port pair for the two nodes' replication links.
+	port := 0
+	for range 20 {
+		a := freeTCPAddr(t)
+		var p int
+		if _, err := fmt.Sscanf(a[strings.LastIndex(a, ":")+1:], "%d", &p); err == nil && p < 65000 {
+			port = p
+			break
+		}
+	}
+	cmd := exec.Command("bash", "../scripts/demo.sh")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("MIRRORD_DEMO_PORT=%d", port))
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Minute):
+		_ = cmd.Process.Kill()
+		<-done
+		t.Fatalf("demo.sh did not finish in 5 minutes:\n%s", out)
+	}
+	if err != nil {
+		t.Fatalf("demo.sh failed: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		"role:Primary", "role:Secondary", "connection:Connected replication:Established",
+		"e2fsck: clean", "0 B out of sync", "REPLICAS IDENTICAL",
+	} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("demo output:\n%s", out)
+	}
+}
+
+// TestREADMEDefaults runs `mirrord run` exactly as the README shows: no
+// flags, no config, the default paths and ports.
+func TestREADMEDefaults(t *testing.T) {
+	requireRoot(t)
+	requireTools(t, "nbdinfo")
+	const img, sock = "/var/lib/mirrord/vol0.img", "/run/mirrord/vol0.sock"
+	_, statErr := os.Stat(img)
+	created := os.IsNotExist(statErr)
+	cmd := exec.Command(mirrordBin, "run")
+	cmd.Env = childEnv(nil)
+	logf, err := os.CreateTemp("", "mirrord-defaults-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(logf.Name())
+	cmd.Stderr = logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		_ = cmd.Process.Kill()
+		if created {
+			_ = os.Remove(img)
+		}
+	}()
+	waitFor(t, 30*time.Second, "default socket", func() bool {
+		fi, err := os.Stat(sock)
+		return err == nil && fi.Mode()&os.ModeSocket != 0
+	})
+	info := runCmd(t, 30*time.Second, "nbdinfo", "nbd+unix:///?socket="+sock)
+	if !strings.Contains(info, "export-size: 1073741824") {
+		t.Fatalf("nbdinfo on the default socket:\n%s", info)
+	}
+	tcp := runCmd(t, 30*time.Second, "nbdinfo", "nbd://127.0.0.1:10809")
+	if !strings.Contains(tcp, `export="vol0"`) {
+		t.Fatalf("nbdinfo on the default TCP address:\n%s", tcp)
+	}
+	status := runCmd(t, 30*time.Second, mirrordBin, "status")
+	if !strings.Contains(status, "role:Primary") || !strings.Contains(status, "disk:UpToDate") {
+		t.Fatalf("status on defaults:\n%s", status)
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		if err != nil {
+			b, _ := os.ReadFile(logf.Name())
+			t.Fatalf("mirrord run exited with %v\n%s", err, b)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("mirrord run did not stop on SIGTERM")
+	}
+}
+
+// TestREADMEVerbs: every `mirrord VERB` in the README is a command.
+func TestREADMEVerbs(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	verbs := map[string]bool{}
+	inCode := false
+	lineVerb := regexp.MustCompile(`^mirrord ([a-z-]+)`)
+	for _, line := range strings.Split(string(readme), "\n") {
+		if strings.HasPrefix(line, "```") {
+			inCode = !inCode
+			continue
+		}
+		if m := lineVerb.FindStringSubmatch(line); inCode && m != nil {
+			verbs[m[1]] = true
+		}
+	}
+	for _, m := range regexp.MustCompile("`mirrord ([a-z-]+)").FindAllStringSubmatch(string(readme), -1) {
+		verbs[m[1]] = true
+	}
+	if len(verbs) < 8 {
+		t.Fatalf("found only %d verbs in the README: %v", len(verbs), verbs)
+	}
+	for v := range verbs {
+		out, err := exec.Command(mirrordBin, v, "--help").CombinedOutput()
+		if err != nil {
+			t.Errorf("mirrord %s --help: %v\n%s", v, err, out)
+		}
+	}
+}
