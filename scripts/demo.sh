@@ -31,7 +31,11 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 waitfor() { # waitfor SECONDS CMD...: poll until CMD succeeds
 	local deadline=$((SECONDS + $1)); shift
 	until "$@" >/dev/null 2>&1; do
-		[ $SECONDS -lt $deadline ] || { echo "timed out: $*" >&2; return 1; }
+		if [ $SECONDS -ge $deadline ]; then
+			echo "timed out: $*" >&2
+			for l in "$work"/*.log; do echo "--- $l" >&2; tail -n 5 "$l" >&2; done
+			return 1
+		fi
 		sleep 0.1
 	done
 }
@@ -42,7 +46,7 @@ m=$work/mirrord
 "$m" version
 
 head -c 32 /dev/urandom | base64 > "$work/secret"
-port_a=${MIRRORD_DEMO_PORT:-7788}
+port_a=${DEMO_PEER_PORT:-7788}
 port_b=$((port_a + 1))
 for n in alpha beta; do
 	if [ $n = alpha ]; then peer=beta listen=$port_a dial=$port_b; else peer=alpha listen=$port_b dial=$port_a; fi

@@ -28,7 +28,7 @@ func TestREADMEDemoScript(t *testing.T) {
 		}
 	}
 	cmd := exec.Command("bash", "../scripts/demo.sh")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("MIRRORD_DEMO_PORT=%d", port))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("DEMO_PEER_PORT=%d", port))
 	done := make(chan struct{})
 	var out []byte
 	var err error
