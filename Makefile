@@ -8,7 +8,7 @@ test:             ## everything CI runs
 	scripts/test.sh
 
 unit:             ## fast: unit tests with the race detector
-	go test -race ./bitmap/ ./nbd/ ./wan/ ./mirror/ ./cmd/...
+	go test -race ./bitmap/ ./nbd/ ./wan/ ./mirror/ ./failover/ ./cmd/...
 
 e2e:              ## real clients, real processes, mounts (root)
 	go test -count=1 ./tests/

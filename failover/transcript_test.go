@@ -1,0 +1,70 @@
+package failover
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/*.txt")
+
+// The transcripts under testdata are what an operator reads after the fact:
+// every action and every recorded decision with its cause, for a few
+// scenarios, on the simulated cluster. They change only when a decision or
+// its wording does; go test -run TestTranscripts -update rewrites them.
+func TestTranscripts(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		run  func(c *cluster)
+	}{
+		{"site-loss", func(c *cluster) {
+			c.run(2 * time.Second)
+			c.crash(c.n[0])
+			c.run(3 * time.Second)
+			c.restart(c.n[0])
+			c.run(3 * time.Second)
+		}},
+		{"primary-isolated", func(c *cluster) {
+			c.run(2 * time.Second)
+			c.cut(linkRepl, linkUDP, "a-w")
+			c.run(3 * time.Second)
+			c.heal()
+			c.run(2 * time.Second)
+		}},
+		{"cut-apart-witness-sees-both", func(c *cluster) {
+			c.run(2 * time.Second)
+			c.cut(linkRepl, linkUDP)
+			c.run(4 * time.Second)
+			c.heal()
+			c.run(2 * time.Second)
+		}},
+		{"switchover", func(c *cluster) {
+			c.run(2 * time.Second)
+			c.step(c.n[0], Switchover{})
+			c.run(2 * time.Second)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCluster(t, 1, nil)
+			tc.run(c)
+			got := strings.Join(c.trace, "\n") + "\n"
+			path := filepath.Join("testdata", tc.name+".txt")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run with -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("%s differs from the run (go test -run TestTranscripts -update to accept):\n%s", path, got)
+			}
+		})
+	}
+}
