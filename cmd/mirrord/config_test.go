@@ -1,0 +1,121 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseByteSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		err  bool
+	}{
+		{"4096", 4096, false},
+		{"4KiB", 4096, false},
+		{"4k", 4096, false},
+		{"512M", 512 << 20, false},
+		{"1G", 1 << 30, false},
+		{"1.5GiB", 3 << 29, false},
+		{" 2 TiB ", 2 << 40, false},
+		{"0", 0, false},
+		{"abc", 0, true},
+		{"12XB", 0, true},
+		{"-1", 0, true},
+		{"", 0, true},
+		{"99999999T", 0, true},
+	} {
+		got, err := ParseByteSize(tc.in)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("ParseByteSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
+		}
+	}
+}
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadConfigPrecedence(t *testing.T) {
+	file := writeConfig(t, "volume:\n  size: 2GiB\n  name: fromfile\nlog:\n  level: warn\n")
+	t.Setenv("MIRRORD_VOLUME_NAME", "fromenv")
+	c, err := loadConfig(configFlags{file: file, set: []string{"log.level=debug"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Volume.Size != 2<<30 || c.Volume.Name != "fromenv" || c.Log.Level != "debug" {
+		t.Fatalf("got size %d name %q level %q; want file size, env name, flag level", c.Volume.Size, c.Volume.Name, c.Log.Level)
+	}
+	if c.Volume.RegionSize != 4096 || c.Peer.Timeout != 6*time.Second || len(c.NBD.Listen) != 2 {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+}
+
+func TestLoadConfigErrorsNameTheKey(t *testing.T) {
+	for _, tc := range []struct {
+		name, file string
+		set        []string
+		env        [2]string
+		want       string
+	}{
+		{name: "unknown file key", file: "volume:\n  sise: 1G\n", want: `"volume.sise"`},
+		{name: "unknown section", file: "volum:\n  size: 1G\n", want: `"volum.size"`},
+		{name: "unknown --set key", set: []string{"volume.sise=1"}, want: `"volume.sise"`},
+		{name: "--set without =", set: []string{"volume.size"}, want: "want key=value"},
+		{name: "unknown env", env: [2]string{"MIRRORD_VOLUME_SISE", "1"}, want: "MIRRORD_VOLUME_SISE"},
+		{name: "bad size", set: []string{"volume.size=abc"}, want: "abc"},
+		{name: "region size", set: []string{"volume.region-size=1000"}, want: "volume.region-size"},
+		{name: "listen", set: []string{"nbd.listen=udp:x"}, want: "nbd.listen"},
+		{name: "log level", set: []string{"log.level=loud"}, want: "log.level"},
+		{name: "peer mode", set: []string{"peer.node=b", "peer.address=h:1", "peer.secret=s", "peer.mode=fast"}, want: "peer.mode"},
+		{name: "peer without secret", set: []string{"peer.node=b", "peer.address=h:1"}, want: "peer.secret"},
+		{name: "peer named like us", set: []string{"node.name=a", "peer.node=a", "peer.address=h:1", "peer.secret=s"}, want: "peer.node"},
+		{name: "peer keys without peer", set: []string{"peer.address=h:1"}, want: "peer.address"},
+		{name: "bad duration", set: []string{"peer.timeout=soon"}, want: "timeout"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cf := configFlags{set: tc.set}
+			if tc.file != "" {
+				cf.file = writeConfig(t, tc.file)
+			}
+			if tc.env[0] != "" {
+				t.Setenv(tc.env[0], tc.env[1])
+			}
+			_, err := loadConfig(cf)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one naming %s", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestFieldErrorIsTyped(t *testing.T) {
+	_, err := loadConfig(configFlags{set: []string{"log.format=xml"}})
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Key != "log.format" {
+		t.Fatalf("error %v is not a FieldError for log.format", err)
+	}
+}
+
+func TestHumanStatus(t *testing.T) {
+	var st statusReply
+	st.Volume, st.Role, st.Disk, st.SizeBytes = "vol0", "Primary", "UpToDate", 1<<30
+	got := humanStatus(st)
+	if !strings.Contains(got, "vol0 role:Primary") || !strings.Contains(got, "disk:UpToDate size:1.0 GiB") {
+		t.Fatalf("human status:\n%s", got)
+	}
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 3 << 29: "1.5 GiB"} {
+		if got := humanBytes(n); got != want {
+			t.Errorf("humanBytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
