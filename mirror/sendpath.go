@@ -23,7 +23,14 @@ type sendPath struct {
 	err      error
 }
 
-func newSendPath(w io.Writer) *sendPath {
+// newSendPath returns a send path over w. With copying set every payload
+// is copied into the batch (async writers return before it is written);
+// otherwise large payloads are written in place and the caller keeps them
+// valid until they are on the wire.
+func newSendPath(w io.Writer, copying bool) *sendPath {
+	if copying {
+		w = plainWriter{w} // hides net.Conn, so wan.Writer copies everything
+	}
 	p := &sendPath{cur: wan.NewWriter(w), alt: wan.NewWriter(w), batch: 1}
 	p.cond.L = &p.mu
 	return p
@@ -114,3 +121,5 @@ func (p *sendPath) idle() {
 	}
 	p.mu.Unlock()
 }
+
+type plainWriter struct{ io.Writer }

@@ -28,18 +28,17 @@ type session struct {
 	peer wan.Hello
 
 	// out carries every frame after the handshake, with group commit. In
-	// sync mode the goroutine that has a frame hands it to out itself (no
-	// hand-off to another goroutine); async frames go through the queue
-	// and sendLoop, so that a slow link never blocks the application.
+	// sync mode the goroutine that has a frame writes it itself (no
+	// hand-off to another goroutine). In async mode frames are encoded
+	// (copied) into out and sendLoop does the writing, so that a slow link
+	// never blocks the application.
 	out *sendPath
 
-	// qmu guards the send queue, the transfer log and the state below.
+	// qmu guards the transfer log and the state below.
 	qmu      sync.Mutex
-	queue    []outFrame
-	spare    []outFrame
 	seq      uint64
 	tl       map[uint64]*tlEntry
-	unacked  int64 // async bytes shipped or queued, not acknowledged
+	unacked  int64 // async bytes sent or buffered, not acknowledged
 	closed   bool
 	err      error
 	repl     ReplState
@@ -62,12 +61,6 @@ type session struct {
 	resyncRunning atomic.Bool // one resync loop per session
 	verifyMu      sync.Mutex
 	verify        *verifyRun
-}
-
-type outFrame struct {
-	h       wan.Header
-	payload []byte
-	owned   *[]byte // released after the frame is on the wire
 }
 
 type entryKind uint8
@@ -169,7 +162,7 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		_ = v.clearDiscardFlags()
 	}
 	_ = c.SetDeadline(time.Time{})
-	s.out = newSendPath(c)
+	s.out = newSendPath(c, l.cfg.Mode == ModeAsync)
 	s.repl = role
 	s.lastRecv.Store(time.Now().UnixNano())
 	if role == ReplSyncSource {
@@ -306,10 +299,6 @@ func (s *session) teardown() {
 		}
 		delete(s.tl, seq)
 	}
-	for _, f := range s.queue {
-		putOwned(f.owned)
-	}
-	s.queue = nil
 	vr := s.verify
 	s.qmu.Unlock()
 	s.resync.wakeAll()
@@ -338,19 +327,22 @@ func (s *session) wake() {
 }
 
 // transmit sends a frame (and, with e, records a transfer-log entry) under
-// a new sequence number: queued in async mode, written directly in sync
-// mode. It reports false once the session is closing. owned, if set, is
-// released once the frame no longer needs it.
+// a new sequence number: written by the caller in sync mode, left for
+// sendLoop in async mode. owned, if set, goes back to the pool once the
+// frame no longer needs it.
 func (s *session) transmit(h wan.Header, payload []byte, owned *[]byte, e *tlEntry) (uint64, bool) {
-	if s.l.cfg.Mode == ModeAsync {
-		return s.enqueue(h, payload, owned, e)
-	}
 	mode := sendFlush
-	if owned != nil {
-		mode = sendWait // the buffer goes back to the pool right after
+	switch {
+	case s.l.cfg.Mode == ModeAsync:
+		mode = sendHold // async writers copy: the buffer is free at once
+	case owned != nil:
+		mode = sendWait
 	}
 	seq, ok := s.direct(h, payload, e, mode)
 	putOwned(owned)
+	if mode == sendHold {
+		s.wake()
+	}
 	return seq, ok
 }
 
@@ -389,25 +381,6 @@ func (s *session) flushHeld() {
 	}
 }
 
-// enqueue appends a frame to the async queue under a new sequence number.
-func (s *session) enqueue(h wan.Header, payload []byte, owned *[]byte, e *tlEntry) (uint64, bool) {
-	s.qmu.Lock()
-	if s.closed {
-		s.qmu.Unlock()
-		return 0, false
-	}
-	s.seq++
-	h.Seq = s.seq
-	if e != nil {
-		e.sent = time.Now()
-		s.tl[h.Seq] = e
-	}
-	s.queue = append(s.queue, outFrame{h: h, payload: payload, owned: owned})
-	s.qmu.Unlock()
-	s.wake()
-	return h.Seq, true
-}
-
 // reply sends a frame that needs no acknowledgement (acks, pongs,
 // digests, state); a closing session drops it. The receiver holds the
 // flush while more frames are buffered, so acks of a burst share one
@@ -429,51 +402,20 @@ func (s *session) holdMode() sendMode {
 	return sendFlush
 }
 
-// sendLoop ships the async queue in order.
+// sendLoop writes what async writers left in out.
 func (s *session) sendLoop() {
 	defer s.loops.Done()
 	for {
-		s.qmu.Lock()
-		batch := s.queue
-		s.queue = s.spare[:0]
-		closed := s.closed
-		s.qmu.Unlock()
-		if closed {
+		select {
+		case <-s.kick:
+		case <-s.done:
 			return
 		}
-		if len(batch) == 0 {
-			select {
-			case <-s.kick:
-			case <-s.done:
-				return
-			}
-			s.spare = batch
-			continue
-		}
-		if err := s.writeBatch(batch); err != nil {
-			s.fail(fmt.Errorf("send: %w", err))
+		if s.isClosed() {
 			return
 		}
-		for i := range batch {
-			putOwned(batch[i].owned)
-			batch[i] = outFrame{}
-		}
-		s.spare = batch[:0]
+		s.flushHeld()
 	}
-}
-
-func (s *session) writeBatch(batch []outFrame) error {
-	for i, f := range batch {
-		mode := sendFlush
-		if i == len(batch)-1 {
-			mode = sendWait // then every owned buffer of the batch is free
-		}
-		if _, err := s.out.send(f.h, f.payload, mode, nil); err != nil {
-			return err
-		}
-		s.l.stats.sentBytes.Add(uint64(len(f.payload) + wan.HeaderSize))
-	}
-	return nil
 }
 
 // watchdog declares the peer lost when it has been silent, or has left a
@@ -523,15 +465,8 @@ func putOwned(b *[]byte) {
 	}
 }
 
-// dataPool holds copies of async write payloads between the local write
-// and the socket.
+// dataPool holds resync buffers between the read and the send.
 var dataPool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
-
-func copyData(p []byte) *[]byte {
-	b := dataPool.Get().(*[]byte)
-	*b = append((*b)[:0], p...)
-	return b
-}
 
 // replicate ships o and applies it locally. ok is false when the session
 // closed before o was sequenced (the caller then treats the peer as gone).
@@ -556,14 +491,11 @@ func (s *session) replicate(o op) (ok bool, err error) {
 			v.dirty.Set(o.off, o.n)
 			return true, v.apply(o)
 		}
-		var owned *[]byte
 		if o.kind == opWrite {
-			owned = copyData(o.p)
-			payload = *owned
+			payload = o.p // copied into the frame buffer before transmit returns
 		}
 		e := &tlEntry{kind: entWrite, off: o.off, n: o.n}
-		if _, ok := s.enqueue(h, payload, owned, e); !ok {
-			putOwned(owned)
+		if _, ok := s.transmit(h, payload, nil, e); !ok {
 			s.release(o.n)
 			return false, nil
 		}
