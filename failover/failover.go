@@ -103,56 +103,33 @@
 //     as events.
 package failover
 
-import "fmt"
+import (
+	"fmt"
 
-// Role is a node's role for the volume. The values equal mirror.Role's.
-type Role uint8
-
-// Roles, as DRBD names them.
-const (
-	RoleUnknown Role = iota
-	RolePrimary
-	RoleSecondary
+	"github.com/mirrord/mirrord/mirror"
 )
 
-func (r Role) String() string {
-	switch r {
-	case RolePrimary:
-		return "Primary"
-	case RoleSecondary:
-		return "Secondary"
-	}
-	return "Unknown"
-}
-
-// DiskState is a disk's state. The values equal mirror.DiskState's.
-type DiskState uint8
-
-// Disk states, as DRBD names them.
-const (
-	DiskDUnknown DiskState = iota
-	DiskInconsistent
-	DiskOutdated
-	DiskConsistent
-	DiskUpToDate
-	DiskFailed
+// Role and DiskState are the volume's own, so that the runner passes them
+// through unchanged. Only these types come from package mirror: the
+// machine does no I/O.
+type (
+	Role      = mirror.Role
+	DiskState = mirror.DiskState
 )
 
-func (d DiskState) String() string {
-	switch d {
-	case DiskInconsistent:
-		return "Inconsistent"
-	case DiskOutdated:
-		return "Outdated"
-	case DiskConsistent:
-		return "Consistent"
-	case DiskUpToDate:
-		return "UpToDate"
-	case DiskFailed:
-		return "Failed"
-	}
-	return "DUnknown"
-}
+// Roles and disk states, as DRBD names them.
+const (
+	RoleUnknown   = mirror.RoleUnknown
+	RolePrimary   = mirror.RolePrimary
+	RoleSecondary = mirror.RoleSecondary
+
+	DiskDUnknown     = mirror.DiskDUnknown
+	DiskInconsistent = mirror.DiskInconsistent
+	DiskOutdated     = mirror.DiskOutdated
+	DiskConsistent   = mirror.DiskConsistent
+	DiskUpToDate     = mirror.DiskUpToDate
+	DiskFailed       = mirror.DiskFailed
+)
 
 // Mode is how much the agent may do on its own.
 type Mode uint8
