@@ -289,6 +289,7 @@ func (s *session) resyncDone(_ uint64, g wan.Generations) error {
 		return err
 	}
 	s.syncing.Store(false)
+	s.resync.stop()
 	s.qmu.Lock()
 	s.repl = ReplEstablished
 	s.qmu.Unlock()

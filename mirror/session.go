@@ -47,7 +47,8 @@ type session struct {
 	loops    sync.WaitGroup
 	failOnce sync.Once
 
-	lastRecv atomic.Int64 // unix nanos
+	lastRecv       atomic.Int64 // unix nanos
+	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
 	epoch atomic.Uint64
@@ -57,6 +58,7 @@ type session struct {
 	applying sync.WaitGroup
 	syncing  atomic.Bool // we are the sync target of a running resync
 
+	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
 	resyncRunning atomic.Bool // one resync loop per session
 	verifyMu      sync.Mutex
@@ -145,14 +147,21 @@ func (l *link) establish(c net.Conn) (*session, error) {
 			role = ReplSyncSource
 		}
 	default: // target, or same generation with the peer as the source
+		// The source owns the list of what to send. Here only a copy of
+		// it lives, for progress, in the session: persisting it as ours
+		// would make a target that crashes mid-resync ask for everything
+		// again. Our own bits (changes the source never saw) went to the
+		// source in the exchange and are cleared as their regions arrive.
 		if d.Full {
 			peerBM.SetAll()
 		}
-		if err := v.dirty.Merge(peerBM); err != nil {
+		if err := peerBM.Merge(v.dirty); err != nil {
 			return nil, err
 		}
-		if d.Action == ActTarget || v.dirty.Count() > 0 {
+		s.incoming = peerBM
+		if d.Action == ActTarget || peerBM.Count() > 0 {
 			role = ReplSyncTarget
+			s.resync.start(peerBM.DirtyBytes())
 		}
 	}
 	if d.Action == ActNone && role == ReplEstablished && v.Role() == RoleSecondary {
@@ -694,6 +703,20 @@ func (s *session) applyRemote(f wan.Frame) error {
 	}
 	if f.Type == wan.FrameResyncData {
 		s.l.stats.resyncBytes.Add(uint64(o.n))
+		// Applied in stream order, so the region is current here: forget
+		// it, or the next connect (after a cut or a crash) would hand the
+		// source the whole original set and restart the resync from zero.
+		err := v.apply(o)
+		if err == nil {
+			v.dirty.ClearRegions(o.off, o.n)
+			if s.incoming != nil {
+				s.incoming.ClearRegions(o.off, o.n)
+			}
+			s.resync.acked(o.n)
+			s.checkpointTarget()
+		}
+		s.ackApply(f.Seq, err, s.holdMode())
+		return nil
 	}
 	if f.Type == wan.FrameWrite && f.Flags&wan.FlagSync != 0 && s.r.Buffered() > 0 {
 		o.p = s.r.Detach()
@@ -706,6 +729,19 @@ func (s *session) applyRemote(f wan.Frame) error {
 	}
 	s.ackApply(f.Seq, v.apply(o), s.holdMode())
 	return nil
+}
+
+// checkpointTarget persists the target's shrinking bitmap now and then,
+// so that a target crash resumes the resync instead of repeating it.
+func (s *session) checkpointTarget() {
+	now := time.Now().UnixNano()
+	last := s.lastCheckpoint.Load()
+	if now-last < int64(5*time.Second) || !s.lastCheckpoint.CompareAndSwap(last, now) {
+		return
+	}
+	if err := s.v.al.persistAll(); err != nil {
+		s.l.log.Error().Err(err).Msg("checkpoint bitmap on the sync target")
+	}
 }
 
 func (s *session) ackApply(seq uint64, err error, mode sendMode) {

@@ -65,6 +65,10 @@ func (v *Volume) Status() Status {
 	}
 	l.mu.Unlock()
 	if s != nil {
+		if s.incoming != nil && s.replState() == ReplSyncTarget {
+			// What this disk still lacks is the source's list, not ours.
+			st.OutOfSyncBytes = s.incoming.DirtyBytes()
+		}
 		s.qmu.Lock()
 		ps.Replication = string(s.repl)
 		for _, e := range s.tl {
