@@ -284,6 +284,13 @@ const (
 	opZero
 )
 
+// LocalOnly reports that reads and writes never wait on the network: a
+// standalone volume, or an async one that does not suspend I/O while its
+// peer is away. (nbd serves such requests without a goroutine hand-off.)
+func (v *Volume) LocalOnly() bool {
+	return v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO)
+}
+
 // WriteAt writes p at off; with fua the data is on stable storage (on both
 // replicas in sync mode) when WriteAt returns.
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {

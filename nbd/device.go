@@ -27,6 +27,15 @@ type Device interface {
 	Flush() error
 }
 
+// LocalOnly is implemented by devices that can promise their reads and
+// writes never wait on anything but the local disk (no network round
+// trip, no held I/O). The server then serves a lone request on the
+// connection's reader instead of a new goroutine. The answer must not
+// change while the device is served.
+type LocalOnly interface {
+	LocalOnly() bool
+}
+
 // Trimmer is implemented by devices that can discard a range. Without it the
 // server still advertises TRIM (it is advisory) and answers it as a no-op.
 // After a successful Trim the range reads back as zeroes.
