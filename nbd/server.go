@@ -254,8 +254,9 @@ func (b *budget) release(n int64) {
 // request is one decoded transmission request; the header struct is go-nbd's.
 type request struct {
 	protocol.TransmissionRequestHeader
-	buf  *[]byte // WRITE payload, or nil
-	cost int64
+	buf    *[]byte // WRITE payload, or nil
+	cost   int64
+	inline bool // served on the reader: its reply may wait for the burst
 }
 
 type conn struct {
@@ -267,6 +268,7 @@ type conn struct {
 
 	budget   budget
 	active   atomic.Int32 // requests being served
+	held     atomic.Int32 // replies appended with hold, maybe not yet sent
 	handlers sync.WaitGroup
 	stopping atomic.Bool
 
@@ -331,7 +333,13 @@ func (c *conn) transmit() (graceful bool) {
 	q, ok := c.exp.Device.(LocalOnly)
 	quick := ok && q.LocalOnly()
 	var h [requestHeaderSize]byte
+	defer c.flushHeld()
 	for {
+		// Replies held back for a burst leave before this goroutine can
+		// block on the socket.
+		if c.br.Buffered() < requestHeaderSize {
+			c.flushHeld()
+		}
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
 			if c.stopping.Load() {
 				return true
@@ -365,6 +373,9 @@ func (c *conn) transmit() (graceful bool) {
 					return false
 				}
 			} else {
+				if c.br.Buffered() < int(r.Length) {
+					c.flushHeld()
+				}
 				r.buf = getBuf(int(r.Length))
 				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 					putBuf(r.buf)
@@ -375,7 +386,7 @@ func (c *conn) transmit() (graceful bool) {
 		}
 		if errno != 0 {
 			c.s.stats.errors.Add(1)
-			c.reply(r.Handle, errno, nil)
+			c.reply(r.Handle, errno, nil, false)
 			continue
 		}
 		r.cost = max(int64(r.Length), minRequestCost)
@@ -388,7 +399,14 @@ func (c *conn) transmit() (graceful bool) {
 		// CPU per 4 KiB write at queue depth 1. On any other device a
 		// request served here could stall the next ones (a replicated
 		// write waiting for its peer).
-		if quick && (r.Type == CmdRead || r.Type == CmdWrite) && c.br.Buffered() == 0 && c.active.Load() == 0 {
+		//
+		// On such a device a buffered (non-FUA) write is always served
+		// here, its reply held until the burst of requests already read
+		// is done: a burst then costs one read and one write syscall and
+		// no goroutines, as in a threaded C server's worker loop.
+		lone := c.br.Buffered() == 0 && c.active.Load() == 0
+		if quick && ((r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0) || (r.Type == CmdRead && lone)) {
+			r.inline = true
 			c.active.Add(1)
 			c.handle(&r)
 			continue
@@ -489,13 +507,13 @@ func (c *conn) handle(r *request) {
 	}
 	if data != nil {
 		if errno == 0 {
-			c.reply(r.Handle, 0, *data)
+			c.reply(r.Handle, 0, *data, r.inline)
 		} else {
-			c.reply(r.Handle, errno, nil)
+			c.reply(r.Handle, errno, nil, r.inline)
 		}
 		putBuf(data)
 	} else {
-		c.reply(r.Handle, errno, nil)
+		c.reply(r.Handle, errno, nil, r.inline)
 	}
 	// The request counts against the budget until its reply is written:
 	// a client that does not read replies must stop the reader, not leave
@@ -528,7 +546,7 @@ func writeZeroes(dev Device, off, n int64, mayUnmap, fua bool) error {
 // while one goroutine writes a batch, the others append to the next one.
 // A reader too slow to take replies is pushed back on (maxPendingReplies),
 // so replies cannot pile up in memory.
-func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
+func (c *conn) reply(cookie uint64, errno uint32, data []byte, hold bool) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	for c.werr == nil && c.flushing && len(c.wbuf) >= maxPendingReplies {
@@ -556,7 +574,23 @@ func (c *conn) reply(cookie uint64, errno uint32, data []byte) {
 		return
 	}
 	c.wbuf = append(c.wbuf, data...)
-	if !c.flushing {
+	if !c.flushing && (!hold || len(c.wbuf) >= maxPendingReplies) {
+		c.flushLocked(nil)
+	} else if hold {
+		c.held.Add(1)
+	}
+}
+
+// flushHeld sends replies held back for a burst, unless a writer is
+// already at it.
+func (c *conn) flushHeld() {
+	if c.held.Load() == 0 {
+		return
+	}
+	c.wmu.Lock()
+	c.held.Store(0)
+	defer c.wmu.Unlock()
+	if !c.flushing && len(c.wbuf) > 0 && c.werr == nil {
 		c.flushLocked(nil)
 	}
 }
