@@ -1,6 +1,9 @@
 package mirror
 
-import "testing"
+import (
+	"errors"
+	"testing"
+)
 
 func TestDecide(t *testing.T) {
 	const X, Y, Z, W = 0x10, 0x20, 0x30, 0x40
@@ -65,5 +68,31 @@ func TestPrimaryFirstIsAntisymmetric(t *testing.T) {
 	b.Role = RolePrimary
 	if primaryFirst(a, b) || !primaryFirst(b, a) {
 		t.Fatal("the Primary must be the source")
+	}
+}
+
+func TestReadCached(t *testing.T) {
+	v, err := Open(t.TempDir()+"/img", Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	p := []byte("cached")
+	if err := v.WriteAt(p, 4096, false); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(p))
+	ok, err := v.ReadCached(got, 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A page just written is in the page cache; the kernel may still say
+	// "would block" (then ok is false and nothing was promised).
+	if ok && string(got) != "cached" {
+		t.Fatalf("ReadCached = %q", got)
+	}
+	v.Close()
+	if _, err := v.ReadCached(got, 0); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after Close: %v", err)
 	}
 }

@@ -251,6 +251,24 @@ func (v *Volume) ReadAt(p []byte, off int64) error {
 	return v.pread(p, off)
 }
 
+// ReadCached reads p at off only if that needs no disk I/O (preadv2 with
+// RWF_NOWAIT); ok false means the data is not all in the page cache.
+func (v *Volume) ReadCached(p []byte, off int64) (ok bool, err error) {
+	if v.closed.Load() {
+		return false, ErrClosed
+	}
+	n, err := unix.Preadv2(v.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
+	switch {
+	case err == unix.EAGAIN || err == unix.EOPNOTSUPP || err == unix.EINVAL || err == unix.ENOSYS || err == unix.EINTR:
+		return false, nil // would block, or the kernel cannot tell: read normally
+	case err != nil:
+		return false, fmt.Errorf("read %d@%d: %w", len(p), off, err)
+	case n < len(p):
+		return false, nil // partly cached: the blocking path reads it all
+	}
+	return true, nil
+}
+
 func (v *Volume) pread(p []byte, off int64) error {
 	for len(p) > 0 {
 		n, err := unix.Pread(v.fd, p, off)

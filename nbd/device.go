@@ -36,6 +36,15 @@ type LocalOnly interface {
 	LocalOnly() bool
 }
 
+// CachedReader is implemented by devices that can serve a read without
+// blocking when its data is already in memory (the page cache). The server
+// then answers such reads on the connection's reader and only hands reads
+// that would wait for the disk to goroutines. ok false means "would block",
+// not an error; p may then hold garbage.
+type CachedReader interface {
+	ReadCached(p []byte, off int64) (ok bool, err error)
+}
+
 // Trimmer is implemented by devices that can discard a range. Without it the
 // server still advertises TRIM (it is advisory) and answers it as a no-op.
 // After a successful Trim the range reads back as zeroes.

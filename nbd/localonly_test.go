@@ -50,3 +50,45 @@ func TestLocalOnlyDeviceServedInline(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// cachedDevice serves even offsets "from cache" and says odd pages would
+// block, so both read paths run.
+type cachedDevice struct {
+	*memDevice
+	cachedHits, misses atomicCounter
+}
+
+type atomicCounter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (a *atomicCounter) add()     { a.mu.Lock(); a.n++; a.mu.Unlock() }
+func (a *atomicCounter) get() int { a.mu.Lock(); defer a.mu.Unlock(); return a.n }
+
+func (d *cachedDevice) ReadCached(p []byte, off int64) (bool, error) {
+	if (off/4096)%2 == 1 {
+		d.misses.add()
+		return false, nil
+	}
+	d.cachedHits.add()
+	return true, d.ReadAt(p, off)
+}
+
+func TestCachedReadsInlineAndFallback(t *testing.T) {
+	d := newMemDevice(t, txSize)
+	cd := &cachedDevice{memDevice: d}
+	ts := startServer(t, nil, Export{Name: "d", Device: cd})
+	c := ts.dialGo(t, "")
+	for i := range 16 {
+		p := pattern(byte(i+1), 4096)
+		c.writeAt(uint64(i)*4096, p)
+		if got := c.readAt(uint64(i)*4096, 4096); !bytes.Equal(got, p) {
+			t.Fatalf("page %d: read back differs", i)
+		}
+	}
+	c.disconnect()
+	if cd.cachedHits.get() != 8 || cd.misses.get() != 8 {
+		t.Fatalf("cached hits %d, misses %d; want 8 and 8", cd.cachedHits.get(), cd.misses.get())
+	}
+}
