@@ -10,6 +10,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/pojntfx/go-nbd/pkg/protocol"
@@ -302,7 +303,12 @@ func (c *conn) serve() {
 	neg := negotiation{r: c.br, w: bw, exports: c.s.exports}
 	exp, err := neg.run()
 	if err != nil {
-		if !errors.Is(err, ErrAborted) && !errors.Is(err, io.EOF) {
+		switch {
+		case errors.Is(err, ErrAborted):
+		case errors.Is(err, io.EOF), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNRESET):
+			// A client that connects and leaves: a health probe, a port scan.
+			c.log.Debug().Err(err).Msg("client left during the handshake")
+		default:
 			c.log.Info().Err(err).Msg("handshake failed")
 		}
 		return

@@ -163,7 +163,7 @@ func TestConfigErrors(t *testing.T) {
 			args []string
 			want eff
 		}{
-			{nil, nil, eff{1 << 30, "vol0", false}},
+			{nil, nil, eff{0, "vol0", false}},
 			{nil, []string{"-c", file}, eff{2 << 30, "fromfile", true}},
 			{[]string{"MIRRORD_VOLUME_SIZE=3GiB"}, []string{"-c", file}, eff{3 << 30, "fromfile", true}},
 			{[]string{"MIRRORD_VOLUME_SIZE=3GiB", "MIRRORD_NBD_READ_ONLY=false"}, []string{"-c", file, "--set", "volume.size=4GiB", "--set", "volume.name=fromset"},
@@ -189,4 +189,28 @@ func TestConfigErrors(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestExistingStoreKeepsItsSize: without --size an existing backing file is
+// served at its own size, untouched; the 1 GiB default is only for creating.
+func TestExistingStoreKeepsItsSize(t *testing.T) {
+	requireTools(t, "nbdinfo")
+	dir := shortTempDir(t)
+	path := dir + "/existing.img"
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	before := sha256File(t, path, 0, 64<<20)
+	p := startMirrordWith(t, mirrordOpts{Dir: dir, Path: path, Size: "-"})
+	info := runCmd(t, 30*time.Second, "nbdinfo", p.unixURI())
+	if !strings.Contains(info, "export-size: 67108864") {
+		t.Fatalf("existing 64 MiB store served as:\n%s", info)
+	}
+	p.stop()
+	if fileSize(t, path) != 64<<20 || sha256File(t, path, 0, 64<<20) != before {
+		t.Fatal("the existing store was resized or modified")
+	}
 }

@@ -68,7 +68,9 @@ type VolumeConfig struct {
 	Name string `mapstructure:"name"`
 	// Path is a regular file (created sparse with Size if missing) or a
 	// block device.
-	Path       string   `mapstructure:"path"`
+	Path string `mapstructure:"path"`
+	// Size is the size to create the store with (0: DefaultVolumeSize).
+	// An existing store keeps its size; set Size to have it checked.
 	Size       ByteSize `mapstructure:"size"`
 	RegionSize ByteSize `mapstructure:"region-size"`
 	// Meta is the metadata file (generations, activity log, bitmap);
@@ -105,7 +107,7 @@ const (
 func setDefaults(v *viper.Viper) {
 	v.SetDefault("volume.name", DefaultVolumeName)
 	v.SetDefault("volume.path", DefaultVolumePath)
-	v.SetDefault("volume.size", fmt.Sprint(DefaultVolumeSize))
+	v.SetDefault("volume.size", "0")
 	v.SetDefault("volume.region-size", fmt.Sprint(bitmap.DefaultRegionSize))
 	v.SetDefault("nbd.listen", []string{"unix:" + DefaultUnixSocket, "tcp:" + DefaultTCPListen})
 	v.SetDefault("nbd.read-only", false)

@@ -60,10 +60,14 @@ func run(c *Config, log zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
+	size := int64(c.Volume.Size)
+	if _, err := os.Stat(c.Volume.Path); size == 0 && os.IsNotExist(err) {
+		size = DefaultVolumeSize
+	}
 	vol, err := mirror.Open(c.Volume.Path, mirror.Options{
 		Name:       c.Volume.Name,
 		Node:       c.Node.Name,
-		Size:       int64(c.Volume.Size),
+		Size:       size,
 		RegionSize: int64(c.Volume.RegionSize),
 		MetaPath:   c.metaPath(),
 		ALExtents:  c.Volume.ALExtents,
