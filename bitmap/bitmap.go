@@ -130,6 +130,18 @@ func rangeMask(lo, hi int64) uint64 {
 	return (allOnes << uint(lo)) & (allOnes >> uint(63-hi))
 }
 
+// wordMask is the part of word w that regions first..last cover.
+func wordMask(w, first, last int64) uint64 {
+	lo, hi := int64(0), int64(63)
+	if w == first>>6 {
+		lo = first & 63
+	}
+	if w == last>>6 {
+		hi = last & 63
+	}
+	return rangeMask(lo, hi)
+}
+
 // tailMask is the mask of bits in the last word that stand for real regions;
 // the bits above it are kept zero so that whole-word popcounts and scans need
 // no special case.
@@ -191,13 +203,7 @@ func (b *Bitmap) setRegions(first, last int64) {
 	added := 0
 	fw, lw := first>>6, last>>6
 	for w := fw; w <= lw; w++ {
-		mask := allOnes
-		if w == fw {
-			mask &= allOnes << uint(first&63)
-		}
-		if w == lw {
-			mask &= allOnes >> uint(63-last&63)
-		}
+		mask := wordMask(w, first, last)
 		p := &b.words[w]
 		if p.Load()&mask == mask {
 			continue
@@ -214,13 +220,7 @@ func (b *Bitmap) clearRegions(first, last int64) {
 	removed := 0
 	fw, lw := first>>6, last>>6
 	for w := fw; w <= lw; w++ {
-		mask := allOnes
-		if w == fw {
-			mask &= allOnes << uint(first&63)
-		}
-		if w == lw {
-			mask &= allOnes >> uint(63-last&63)
-		}
+		mask := wordMask(w, first, last)
 		p := &b.words[w]
 		// Acks mostly land on regions already clean or are replays; a load
 		// first spares the cache line as on the Set path.
@@ -296,13 +296,7 @@ func (b *Bitmap) Test(off, length int64) bool {
 	}
 	fw, lw := first>>6, last>>6
 	for w := fw; w <= lw; w++ {
-		mask := allOnes
-		if w == fw {
-			mask &= allOnes << uint(first&63)
-		}
-		if w == lw {
-			mask &= allOnes >> uint(63-last&63)
-		}
+		mask := wordMask(w, first, last)
 		if b.words[w].Load()&mask != 0 {
 			return true
 		}

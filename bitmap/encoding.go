@@ -173,14 +173,7 @@ func (b *Bitmap) apply(runs []byte, replace bool) {
 		case dirty:
 			fw, lw := first>>6, last>>6
 			for w := fw; w <= lw; w++ {
-				mask := allOnes
-				if w == fw {
-					mask &= allOnes << uint(first&63)
-				}
-				if w == lw {
-					mask &= allOnes >> uint(63-last&63)
-				}
-				b.words[w].Store(b.words[w].Load() | mask)
+				b.words[w].Store(b.words[w].Load() | wordMask(w, first, last))
 			}
 			total += int64(v)
 		}
