@@ -159,8 +159,8 @@ type link struct {
 	ln  net.Listener
 
 	mu         sync.Mutex
-	cond       sync.Cond // session changes, for SuspendIO waiters
-	sess       *session
+	cond       sync.Cond               // session changes, for SuspendIO waiters
+	sess       atomic.Pointer[session] // the live session; read without mu on every write
 	conn       ConnState
 	standalone bool   // stopped reconnecting: split brain or operator
 	reason     string // why the last session ended or was refused
@@ -229,7 +229,7 @@ func (l *link) stop() {
 		_ = l.ln.Close()
 	}
 	l.mu.Lock()
-	s := l.sess
+	s := l.sess.Load()
 	l.cond.Broadcast()
 	l.mu.Unlock()
 	if s != nil {
@@ -356,9 +356,7 @@ func (l *link) setReason(r string) {
 
 // current returns the live session, or nil.
 func (l *link) current() *session {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.sess
+	return l.sess.Load()
 }
 
 // replicate performs one write (or zero) on the primary: locally and, while
@@ -393,7 +391,7 @@ func (l *link) replicate(o op) error {
 func (l *link) waitSession() *session {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for l.sess == nil && !l.v.closed.Load() {
+	for l.sess.Load() == nil && !l.v.closed.Load() {
 		select {
 		case <-l.quit:
 			return nil
@@ -401,7 +399,7 @@ func (l *link) waitSession() *session {
 		}
 		l.cond.Wait()
 	}
-	return l.sess
+	return l.sess.Load()
 }
 
 // flush makes the peer's disk stable too in sync mode; in async mode the

@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"sync"
 	"time"
@@ -29,9 +30,6 @@ type resyncProgress struct {
 func (p *resyncProgress) start(total int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.cond.L == nil {
-		p.cond.L = &p.mu
-	}
 	p.running = true
 	p.total, p.done, p.inflight = total, 0, 0
 	p.started = time.Now()
@@ -57,9 +55,7 @@ func (p *resyncProgress) acked(n int64) {
 		}
 		p.lastTick, p.lastDone = now, p.done
 	}
-	if p.cond.L != nil {
-		p.cond.Broadcast()
-	}
+	p.cond.Broadcast()
 	p.mu.Unlock()
 }
 
@@ -91,9 +87,7 @@ func (p *resyncProgress) waitDrained(s *session) bool {
 
 func (p *resyncProgress) wakeAll() {
 	p.mu.Lock()
-	if p.cond.L != nil {
-		p.cond.Broadcast()
-	}
+	p.cond.Broadcast()
 	p.mu.Unlock()
 }
 
@@ -371,7 +365,7 @@ func (s *session) runVerify(ctx context.Context, progress func(done, total int64
 		err := v.pread(buf[:n], off)
 		var ok bool
 		if err == nil {
-			e := &tlEntry{kind: entDigest, off: off, n: n, digest: sha(buf[:n])}
+			e := &tlEntry{kind: entDigest, off: off, n: n, digest: sha256.Sum256(buf[:n])}
 			vr.mu.Lock()
 			vr.inflight++
 			vr.mu.Unlock()
@@ -431,7 +425,7 @@ func (s *session) digestReq(f wan.Frame) error {
 	if err := s.v.pread(buf, int64(f.Offset)); err != nil {
 		errno = 5
 	} else {
-		d = sha(buf)
+		d = sha256.Sum256(buf)
 	}
 	payload := append(wan.PutU64(n), d[:]...)
 	s.reply(wan.Header{Type: wan.FrameDigest, Seq: f.Seq, Offset: f.Offset, Errno: errno}, payload)

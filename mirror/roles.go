@@ -147,7 +147,7 @@ func (v *Volume) finishAsTarget(g wan.Generations) error {
 	return nil
 }
 
-func (v *Volume) clearDiscardFlags() error {
+func (v *Volume) clearSplitBrainFlag() error {
 	return v.meta.update(func(s *superblock) { s.flags &^= flagSplitBrain })
 }
 
@@ -308,7 +308,7 @@ func (v *Volume) Disconnect() {
 	l.standalone = true
 	l.conn = ConnStandAlone
 	l.reason = "disconnected by operator"
-	s := l.sess
+	s := l.sess.Load()
 	l.mu.Unlock()
 	if s != nil {
 		s.fail(errors.New("disconnected by operator"))

@@ -2,7 +2,6 @@ package mirror
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
@@ -96,6 +95,7 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		l: l, v: v, conn: c, r: wan.NewReader(c), w: wan.NewWriter(c),
 		tl: make(map[uint64]*tlEntry), kick: make(chan struct{}, 1), done: make(chan struct{}),
 	}
+	s.resync.cond.L = &s.resync.mu
 	own := v.hello()
 	peer, err := wan.Handshake(s.r, s.w, own, l.cfg.Secret)
 	if err != nil {
@@ -168,7 +168,7 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		v.adoptGeneration(peer.Gen)
 	}
 	if d.Action == ActTarget || d.Action == ActSource || role != ReplEstablished {
-		_ = v.clearDiscardFlags()
+		_ = v.clearSplitBrainFlag()
 	}
 	_ = c.SetDeadline(time.Time{})
 	s.out = newSendPath(c, l.cfg.Mode == ModeAsync)
@@ -178,7 +178,7 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		s.resync.start(v.dirty.DirtyBytes())
 	}
 	l.mu.Lock()
-	l.sess = s
+	l.sess.Store(s)
 	l.conn = ConnConnected
 	l.reason = d.Reason
 	p := peer
@@ -287,9 +287,7 @@ func (s *session) teardown() {
 	s.out.idle()
 	l, v := s.l, s.v
 	l.mu.Lock()
-	if l.sess == s {
-		l.sess = nil
-	}
+	l.sess.CompareAndSwap(s, nil)
 	if l.conn == ConnConnected {
 		l.conn = ConnConnecting
 	}
@@ -788,5 +786,3 @@ func (s *session) replState() ReplState {
 	defer s.qmu.Unlock()
 	return s.repl
 }
-
-func sha(p []byte) [32]byte { return sha256.Sum256(p) }

@@ -1,7 +1,6 @@
 package mirror
 
 import (
-	"encoding/json"
 	"sync"
 	"time"
 )
@@ -58,7 +57,7 @@ func (v *Volume) Status() Status {
 	ps.Connection = string(l.conn)
 	ps.SplitBrain = l.splitBrain
 	ps.Reason = l.reason
-	s := l.sess
+	s := l.sess.Load()
 	if s != nil && l.peerHello != nil {
 		ps.PeerRole = Role(l.peerHello.Role).String()
 		ps.PeerDisk = DiskState(l.peerHello.Disk).String()
@@ -150,10 +149,4 @@ func (b *eventBus) close() {
 		delete(b.subs, c)
 		close(c)
 	}
-}
-
-// MarshalJSON keeps Event's shape stable.
-func (e Event) MarshalJSON() ([]byte, error) {
-	type plain Event
-	return json.Marshal(plain(e))
 }
