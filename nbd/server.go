@@ -399,8 +399,6 @@ func (c *conn) transmit() (graceful bool) {
 		if cached != nil && r.Type == CmdRead && c.readCached(cached, &r) {
 			continue
 		}
-		r.cost = max(int64(r.Length), minRequestCost)
-		c.budget.acquire(r.cost)
 		c.handlers.Add(1)
 		// A request gets its own goroutine, unless it is a lone read or
 		// write on a device that promises never to wait on anything but
@@ -416,11 +414,14 @@ func (c *conn) transmit() (graceful bool) {
 		// no goroutines, as in a threaded C server's worker loop.
 		lone := c.br.Buffered() == 0 && c.active.Load() == 0
 		if quick && ((r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0) || (r.Type == CmdRead && lone)) {
+			// Served before the next request is read: nothing to budget.
 			r.inline = true
 			c.active.Add(1)
 			c.handle(&r)
 			continue
 		}
+		r.cost = max(int64(r.Length), minRequestCost)
+		c.budget.acquire(r.cost)
 		c.active.Add(1)
 		go c.handle(&r)
 	}
@@ -550,7 +551,9 @@ func (c *conn) handle(r *request) {
 	// The request counts against the budget until its reply is written:
 	// a client that does not read replies must stop the reader, not leave
 	// read data piling up in handlers waiting to write it.
-	c.budget.release(r.cost)
+	if r.cost > 0 {
+		c.budget.release(r.cost)
+	}
 }
 
 // zeroChunk is the most zero data writeZeroes sends per WriteAt when the
