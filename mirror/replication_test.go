@@ -328,8 +328,8 @@ func TestInterruptedResyncResumesAndTargetStaysInconsistent(t *testing.T) {
 	if a.v.Status().OutOfSyncBytes == 0 {
 		t.Fatal("resync finished before the cut; slow it down")
 	}
-	if err := b.v.Promote(PromoteOptions{}); !errors.Is(err, ErrInconsistent) {
-		t.Fatalf("promote of an Inconsistent target: %v, want ErrInconsistent", err)
+	if b.v.Disk() != DiskInconsistent || b.v.Status().UndoBytes == 0 {
+		t.Fatalf("cut mid-resync: disk %s, undo %d bytes; want Inconsistent with its old image in the undo log", b.v.Disk(), b.v.Status().UndoBytes)
 	}
 	a.v.link.cfg.ResyncMaxRate = 0
 	fault.setCut(false)

@@ -267,6 +267,7 @@ func (s *session) finishResync() {
 	}
 	s.qmu.Unlock()
 	s.resync.stop()
+	s.l.behindSince.Store(0)
 	s.reply(wan.Header{Type: wan.FrameResyncDone}, b)
 	s.l.log.Info().Msg("resync finished: peer is UpToDate")
 	v.ev.emit("peer", v.Status())
@@ -281,6 +282,10 @@ func (s *session) resyncDone(_ uint64, g wan.Generations) error {
 	}
 	if err := v.finishAsTarget(g); err != nil {
 		return err
+	}
+	// The new generation is durable: the old image is history.
+	if err := v.discardUndo(); err != nil {
+		s.l.log.Error().Err(err).Msg("discard undo log")
 	}
 	s.syncing.Store(false)
 	s.resync.stop()
@@ -443,6 +448,8 @@ func (s *session) digestReply(f wan.Frame) {
 	}
 	differs := f.Errno != 0 || len(f.Payload) != 40 || [32]byte(f.Payload[8:40]) != e.digest
 	if differs {
+		// A new epoch: no in-flight acknowledgement may clear this bit.
+		s.epoch.Add(1)
 		s.v.dirty.Set(e.off, e.n)
 	}
 	vr.mu.Lock()

@@ -79,6 +79,9 @@ type Volume struct {
 	role     atomic.Uint32 // Role
 	disk     atomic.Uint32 // DiskState
 	pristine atomic.Bool   // created zero-filled by us and never written
+	// undo guards the last consistent image while a resync overwrites
+	// it (sync target only; nil otherwise).
+	undo atomic.Pointer[undoLog]
 
 	closed atomic.Bool
 }
@@ -186,11 +189,15 @@ func (v *Volume) openMeta(opts Options, created bool) error {
 	v.disk.Store(uint32(disk))
 	v.role.Store(uint32(RoleSecondary))
 	v.pristine.Store(sb.flags&flagPristine != 0)
-	return m.update(func(s *superblock) {
+	err = m.update(func(s *superblock) {
 		s.flags &^= flagClean
 		s.disk = disk
 		s.role = RoleSecondary
 	})
+	if err != nil {
+		return err
+	}
+	return v.loadUndo()
 }
 
 func createSparse(path string, size int64) (*os.File, error) {
@@ -306,7 +313,7 @@ const (
 // standalone volume, or an async one that does not suspend I/O while its
 // peer is away. (nbd serves such requests without a goroutine hand-off.)
 func (v *Volume) LocalOnly() bool {
-	return v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO)
+	return v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO && !v.link.holds())
 }
 
 // WriteAt writes p at off; with fua the data is on stable storage (on both
@@ -327,6 +334,9 @@ func (v *Volume) WriteZeroes(off, length int64, mayUnmap, fua bool) error {
 }
 
 func (v *Volume) modify(o op) error {
+	if v.link != nil {
+		v.link.holdForLag() // before the gate: a held write must not stall Close
+	}
 	v.gate.RLock()
 	defer v.gate.RUnlock()
 	if v.closed.Load() {
@@ -477,6 +487,9 @@ func (v *Volume) Close() error {
 			errs = append(errs, err)
 		}
 		errs = append(errs, v.meta.close())
+	}
+	if u := v.undo.Load(); u != nil {
+		errs = append(errs, u.close())
 	}
 	errs = append(errs, v.f.Close())
 	v.ev.close()
