@@ -34,16 +34,16 @@ type session struct {
 	out *sendPath
 
 	// qmu guards the transfer log and the state below.
-	qmu      sync.Mutex
-	seq      uint64
-	tl       map[uint64]*tlEntry
-	unacked  int64 // async bytes sent or buffered, not acknowledged
-	closed   bool
-	err      error
-	repl     ReplState
-	kick     chan struct{}
-	jkick    chan struct{} // the journal has records to send
-	done     chan struct{}
+	qmu     sync.Mutex
+	seq     uint64
+	tl      map[uint64]*tlEntry
+	unacked int64 // async bytes sent or buffered, not acknowledged
+	closed  bool
+	err     error
+	repl    ReplState
+	kick    chan struct{}
+	jkick   chan struct{} // the journal has records to send
+	done    chan struct{}
 	// room wakes the journal drainer when acknowledgements free window
 	// space (L is qmu).
 	room sync.Cond

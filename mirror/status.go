@@ -7,13 +7,13 @@ import (
 
 // Status is a point-in-time view of the volume, shaped like drbdadm status.
 type Status struct {
-	Volume         string      `json:"volume"`
-	Node           string      `json:"node"`
-	Role           string      `json:"role"`
-	Disk           string      `json:"disk"`
-	SizeBytes      int64       `json:"size_bytes"`
-	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
-	Generations    string      `json:"generations,omitempty"`
+	Volume         string `json:"volume"`
+	Node           string `json:"node"`
+	Role           string `json:"role"`
+	Disk           string `json:"disk"`
+	SizeBytes      int64  `json:"size_bytes"`
+	OutOfSyncBytes int64  `json:"out_of_sync_bytes"`
+	Generations    string `json:"generations,omitempty"`
 	// UndoBytes is the undo log of a sync target whose last consistent
 	// image is being overwritten by a resync: promoting rolls it back.
 	UndoBytes int64       `json:"undo_bytes,omitempty"`
