@@ -151,7 +151,7 @@ func (s *session) goAhead(why string) {
 	s.repl = ReplAhead
 	s.l.markBehind()
 	s.l.log.Warn().Int64("unacked_bytes", s.unacked).Msg(why + ": Ahead, tracking writes in the bitmap")
-	go s.v.ev.emit("peer", s.v.Status())
+	go func() { s.v.ev.emit("peer", s.v.Status()) }() // Status takes qmu
 }
 
 // catchUp starts the resync once the backlog (window and journal) is

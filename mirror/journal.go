@@ -71,8 +71,10 @@ const (
 	// minute of 16 MiB/s above link rate, or a 10 s outage at 100 MiB/s,
 	// without falling back to the bitmap.
 	DefaultJournalSize = 1 << 30
-	// MinJournalSize is room for two of the largest writes.
-	MinJournalSize = 2 * (wan.MaxData + jrecHeaderSize)
+	// MinJournalSize keeps a journal useful; a write larger than the
+	// whole ring goes to the bitmap (Ahead) like any write that does not
+	// fit.
+	MinJournalSize = 1 << 20
 )
 
 type jrecKind uint8

@@ -2,7 +2,6 @@ package mirror
 
 import (
 	"fmt"
-	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,8 +52,8 @@ const (
 	MaxThrottleDelay = 50 * time.Millisecond
 	// throttleFrom is the fraction of the bound where throttling starts.
 	throttleFrom = 0.5
-	// lagSample is how often a bounded link samples its lag: policies act
-	// on the sample, so the write path pays an atomic load, not a scan.
+	// lagSample is how often a bounded link samples its lag, to report
+	// crossings and to wake blocked writers.
 	lagSample = 20 * time.Millisecond
 )
 
@@ -64,7 +63,6 @@ type lagGuard struct {
 	cond    sync.Cond
 	over    bool
 	stopped bool
-	ratio   atomic.Uint64 // float64 bits: lag / bound, the larger of bytes and time
 	alerts  atomic.Uint64 // times the bound was crossed
 }
 
@@ -109,7 +107,6 @@ func (l *link) sampleLag() {
 	bytes, age := l.v.Lag()
 	r := l.lagRatio(bytes, age)
 	g := &l.lagG
-	g.ratio.Store(math.Float64bits(r))
 	over := r > 1
 	g.mu.Lock()
 	changed := over != g.over
@@ -133,15 +130,16 @@ func (l *link) sampleLag() {
 
 // holdForLag applies the throttle or block policy to a new write. It runs
 // before the write takes any lock, so that a held write stalls nothing
-// but itself (and Close still gets through).
+// but itself (and Close still gets through). The lag is computed afresh
+// (a few mutexes, no scan): a sample could let a burst far past the bound.
 func (l *link) holdForLag() {
 	if !l.holds() {
 		return
 	}
-	g := &l.lagG
+	ratio := func() float64 { return l.lagRatio(l.v.Lag()) }
 	switch l.cfg.LagPolicy {
 	case LagThrottle:
-		r := math.Float64frombits(g.ratio.Load())
+		r := ratio()
 		if r <= throttleFrom {
 			return
 		}
@@ -153,8 +151,10 @@ func (l *link) holdForLag() {
 		case <-l.quit:
 		}
 	case LagBlock:
+		g := &l.lagG
 		g.mu.Lock()
-		for g.over && !g.stopped {
+		// The sampler broadcasts every lagSample.
+		for !g.stopped && ratio() > 1 {
 			g.cond.Wait()
 		}
 		g.mu.Unlock()
