@@ -103,7 +103,7 @@ type node struct {
 	opts Options
 }
 
-func (n *node) reopen(t *testing.T) {
+func (n *node) reopen(t testing.TB) {
 	t.Helper()
 	v, err := Open(filepath.Join(n.dir, "disk.img"), n.opts)
 	if err != nil {
@@ -114,7 +114,7 @@ func (n *node) reopen(t *testing.T) {
 }
 
 // newPair starts nodes "a" (dials) and "b" (listens) on loopback.
-func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
+func newPair(t testing.TB, po pairOpts) (a, b *node, fault *netFault) {
 	t.Helper()
 	fault = &netFault{}
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
@@ -145,7 +145,7 @@ func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
 	return a, b, fault
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {
