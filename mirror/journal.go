@@ -94,7 +94,6 @@ const (
 var (
 	ErrJournalCorrupt = errors.New("journal record corrupt")
 	errJournalFull    = errors.New("journal full")
-	errJournalClosed  = errors.New("journal not attached to this session")
 )
 
 // jrec is one decoded record.
@@ -210,11 +209,11 @@ func (r *jrec) op() op {
 
 // journalHeader is the persisted ring state.
 type journalHeader struct {
-	hseq              uint64
-	capacity          uint64
-	tail, tailSeq     uint64
-	head, headSeq     uint64
-	version, reserved uint32
+	hseq          uint64
+	capacity      uint64
+	tail, tailSeq uint64
+	head, headSeq uint64
+	version       uint32
 }
 
 func (h *journalHeader) encode() []byte {
@@ -288,10 +287,8 @@ type journal struct {
 	queued   int64 // data bytes appended, not yet sent
 	hseq     uint64
 	lastHdr  time.Time
-	hdrBuf   []byte
 	stats    journalStats
 	nosync   bool
-	recBuf   []byte
 	iovHdr   [jrecHeaderSize]byte
 	padBytes [jrecHeaderSize]byte
 }
