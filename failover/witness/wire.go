@@ -113,10 +113,10 @@ type Request struct {
 
 // Reply is one decoded reply.
 type Reply struct {
-	Status                           Status
+	Status                          Status
 	Granted, Outdated, PeerOutdated bool
-	Nonce                            [NonceSize]byte
-	Epoch                            uint64
+	Nonce                           [NonceSize]byte
+	Epoch                           uint64
 	// Time is the witness's wall clock (for a StatusClockSkew diagnosis).
 	Time    time.Time
 	Holder  string
