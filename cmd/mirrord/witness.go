@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -24,6 +25,9 @@ func cmdWitness(args []string) error {
 	logFormat := fs.String("log-format", "auto", "log format: auto, json or console")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	if *secretFile == "" {
+		return fmt.Errorf("%w: --secret-file is required (the same file the nodes use)", errUsage)
 	}
 	log := newLogger(LogConfig{Level: *logLevel, Format: *logFormat}, os.Stderr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)

@@ -22,10 +22,8 @@ type Backend struct {
 	// Advance moves the implementation's lease clock forward. Nil: leases
 	// run in real time, and the suite waits for them (keep TTL short).
 	Advance func(d time.Duration)
-	// Restart stops the Voter and whatever serves it, starts both again
-	// from the durable state and returns the new Voter. Nil: the
-	// implementation keeps no state of its own across restarts, and the
-	// persistence test is not run.
+	// Restart stops the Voter and whatever serves it (kill -9 where it can),
+	// starts both again from the durable state and returns the new Voter.
 	Restart func(t *testing.T) failover.Voter
 }
 
@@ -51,12 +49,8 @@ func Run(t *testing.T, newBackend func(t *testing.T) *Backend) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newBackend(t)
-			if tc.name == "SurvivesRestart" && b.Restart == nil {
-				// Not a skip: an implementation without a server of its
-				// own (etcd) has nothing to restart; etcd's durability is
-				// etcd's.
-				t.Log("backend has no restart; nothing to check")
-				return
+			if b.Restart == nil {
+				t.Fatal("votertest: Backend.Restart is required")
 			}
 			t.Cleanup(func() {
 				if err := b.Voter.Close(); err != nil {
