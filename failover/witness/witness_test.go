@@ -70,39 +70,36 @@ func newClient(t *testing.T, addr string, ttl time.Duration) *Client {
 	return c
 }
 
+// backend is a witness on loopback and a client for the suite. With a
+// clock, lease time is the test's to advance; without, it is real.
+func backend(t *testing.T, ttl time.Duration, clock *fakeClock) *votertest.Backend {
+	cfg := Config{Listen: "127.0.0.1:0", Secret: testSecret, StateDir: t.TempDir()}
+	b := &votertest.Backend{TTL: ttl}
+	if clock != nil {
+		cfg.Clock, b.Advance = clock.Now, clock.Advance
+	}
+	srv := startServer(t, cfg)
+	cfg.Listen = srv.srv.Addr().String()
+	b.Voter = newClient(t, cfg.Listen, ttl)
+	b.Restart = func(t *testing.T) failover.Voter {
+		b.Voter.Close()
+		srv.stop()
+		srv = startServer(t, cfg)
+		return newClient(t, cfg.Listen, ttl)
+	}
+	return b
+}
+
 func TestConformance(t *testing.T) {
 	votertest.Run(t, func(t *testing.T) *votertest.Backend {
-		const ttl = 2 * time.Second
-		clock := &fakeClock{t: time.Unix(1000, 0)}
-		cfg := Config{Listen: "127.0.0.1:0", Secret: testSecret, StateDir: t.TempDir(), Clock: clock.Now}
-		srv := startServer(t, cfg)
-		cfg.Listen = srv.srv.Addr().String()
-		b := &votertest.Backend{Voter: newClient(t, cfg.Listen, ttl), TTL: ttl, Advance: clock.Advance}
-		b.Restart = func(t *testing.T) failover.Voter {
-			b.Voter.Close()
-			srv.stop()
-			srv = startServer(t, cfg)
-			return newClient(t, cfg.Listen, ttl)
-		}
-		return b
+		return backend(t, 2*time.Second, &fakeClock{t: time.Unix(1000, 0)})
 	})
 }
 
 // In real time too: the lease runs on the witness's monotonic clock.
 func TestConformanceRealTime(t *testing.T) {
 	votertest.Run(t, func(t *testing.T) *votertest.Backend {
-		const ttl = 300 * time.Millisecond
-		cfg := Config{Listen: "127.0.0.1:0", Secret: testSecret, StateDir: t.TempDir()}
-		srv := startServer(t, cfg)
-		cfg.Listen = srv.srv.Addr().String()
-		b := &votertest.Backend{Voter: newClient(t, cfg.Listen, ttl), TTL: ttl}
-		b.Restart = func(t *testing.T) failover.Voter {
-			b.Voter.Close()
-			srv.stop()
-			srv = startServer(t, cfg)
-			return newClient(t, cfg.Listen, ttl)
-		}
-		return b
+		return backend(t, 300*time.Millisecond, nil)
 	})
 }
 
