@@ -44,6 +44,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) *Backend) {
 		{"ReleaseByNonHolderFails", testReleaseNonHolder},
 		{"VolumesIndependent", testVolumes},
 		{"ConcurrentAskersOneGrant", testConcurrent},
+		{"RejectsBadRequests", testBadRequests},
 		{"SurvivesRestart", testRestart},
 	}
 	for _, tc := range tests {
@@ -297,4 +298,25 @@ func testRestart(t *testing.T, b *Backend) {
 	want(t, "b after the lease", expire(t, b, since, req("b", "a", 4)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 5, Outdated: true})
 	b.Voter = b.Restart(t)
 	want(t, "b renews after another restart: same epoch", vote(t, b.Voter, req("b", "a", 5)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 5, Outdated: true})
+}
+
+func testBadRequests(t *testing.T, b *Backend) {
+	for _, r := range []failover.VoteRequest{
+		{Node: "a", Peer: "b"},
+		{Volume: vol, Peer: "b"},
+		{Volume: vol, Node: "a"},
+		{Volume: vol, Node: "a", Peer: "a"},
+	} {
+		if v, err := b.Voter.Vote(ctx(t), r); err == nil {
+			t.Errorf("Vote(%+v) = %+v, want an error", r, v)
+		}
+	}
+	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	if err := b.Voter.Release(ctx(t), vol, "a", "a"); err == nil {
+		t.Error("Release to the holder itself succeeded")
+	}
+	if err := b.Voter.Release(ctx(t), vol, "a", ""); err == nil {
+		t.Error("Release to nobody succeeded")
+	}
+	want(t, "a still holds at the same epoch", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
 }
