@@ -21,11 +21,7 @@ func BenchmarkAsyncWrite4K(b *testing.B) {
 		{"journal", 256 << 10, 1 << 30},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			a, _, fault := newPair(b, pairOpts{mode: ModeAsync, peer: journalPeer(bc.window, bc.journal)})
-			waitFor(b, "connection", func() bool { return established(a.v) })
-			if err := a.v.Promote(PromoteOptions{}); err != nil {
-				b.Fatal(err)
-			}
+			a, _, fault := asyncPrimary(b, pairOpts{mode: ModeAsync, peer: journalPeer(bc.window, bc.journal)})
 			fault.paused.Store(true)
 			defer fault.paused.Store(false)
 			buf := make([]byte, 4096)

@@ -63,6 +63,17 @@ func fileReader(t *testing.T, path string) func(p []byte, off int64) error {
 	return func(p []byte, off int64) error { _, err := f.ReadAt(p, off); return err }
 }
 
+// asyncPrimary starts a connected pair with a Primary.
+func asyncPrimary(t testing.TB, po pairOpts) (a, b *node, fault *netFault) {
+	t.Helper()
+	a, b, fault = newPair(t, po)
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return a, b, fault
+}
+
 func journalPeer(window, journal int64) func(*PeerConfig) {
 	return func(pc *PeerConfig) {
 		pc.AsyncWindow = window
@@ -74,13 +85,9 @@ func journalPeer(window, journal int64) func(*PeerConfig) {
 // overflows the window into the journal; the target stays a prefix of the
 // history at every moment, never goes Behind, and ends identical.
 func TestAsyncBurstSpillsToJournalAndDrains(t *testing.T) {
-	a, b, fault := newPair(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 16<<20)})
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 16<<20)})
 	fault.slow.Store(rate.NewLimiter(8<<20, 64<<10)) // 8 MiB/s
-	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
-	if err := a.v.Promote(PromoteOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	const blocks = 2000 // 8 MiB: ~1 s of link
+	const blocks = 2000                              // 8 MiB: ~1 s of link
 	stop := make(chan struct{})
 	var checks atomic.Int64
 	var wg sync.WaitGroup
@@ -147,11 +154,7 @@ func stallAndOverflow(t *testing.T, a *node, fault *netFault, from, to int) {
 // (the target a prefix throughout) and the catch-up resync runs under the
 // target's undo log, ending identical with the undo log gone.
 func TestAsyncStallGoesJournalAheadCatchUp(t *testing.T) {
-	a, b, fault := newPair(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 2<<20)})
-	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
-	if err := a.v.Promote(PromoteOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 2<<20)})
 	const blocks = 1500
 	writeStamped(t, a.v, 0, 100)
 	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
@@ -195,11 +198,7 @@ func TestPromoteMidCatchUpRollsBack(t *testing.T) {
 		{"most, after a target restart", 3 << 20, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b, fault := newPair(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: journalPeer(256<<10, 1<<20)})
-			waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
-			if err := a.v.Promote(PromoteOptions{}); err != nil {
-				t.Fatal(err)
-			}
+			a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: journalPeer(256<<10, 1<<20)})
 			const blocks = 1500
 			writeStamped(t, a.v, 0, 300)
 			waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
@@ -248,15 +247,11 @@ func TestPromoteMidCatchUpRollsBack(t *testing.T) {
 func TestLagPolicies(t *testing.T) {
 	const bound = 1 << 20
 	mk := func(t *testing.T, p LagPolicy) (a, b *node, fault *netFault) {
-		a, b, fault = newPair(t, pairOpts{mode: ModeAsync, peer: func(pc *PeerConfig) {
+		t.Helper()
+		return asyncPrimary(t, pairOpts{mode: ModeAsync, peer: func(pc *PeerConfig) {
 			pc.AsyncWindow, pc.JournalSize = 256<<10, 8<<20
 			pc.MaxLagBytes, pc.LagPolicy = bound, p
 		}})
-		waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
-		if err := a.v.Promote(PromoteOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		return a, b, fault
 	}
 	t.Run("alert", func(t *testing.T) {
 		a, b, fault := mk(t, LagAlert)
