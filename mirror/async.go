@@ -67,6 +67,9 @@ func (s *session) replicateAsync(o op) (ok bool, err error) {
 // no acknowledgement can clear them before the record is counted.
 func (s *session) spill(o op, force bool) spillResult {
 	j := s.l.journal
+	if !force && !s.ahead.Load() && !j.spillingHint.Load() {
+		return spillNo // the common case takes no lock
+	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.owner != s {
@@ -81,7 +84,7 @@ func (s *session) spill(o op, force bool) spillResult {
 	}
 	s.v.dirty.Set(o.off, o.n)
 	started := !j.spilling
-	j.spilling = true
+	j.setSpilling(true)
 	err := j.appendLocked(o, time.Now(), s.epoch.Load())
 	switch {
 	case err == nil:

@@ -7,6 +7,7 @@ import (
 	"hash/crc32"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -276,21 +277,25 @@ type journal struct {
 	mu       sync.Mutex
 	owner    *session // records belong to this session's stream
 	spilling bool     // new writes queue behind the journal
-	head     int64
-	tail     int64
-	diskTail int64 // the tail the header on disk names
-	nextSeq  uint64
-	ents     []jentry // from tail to head; ents[:sent] are on the wire
-	first    int      // ents[first] is the oldest (a slice queue)
-	sent     int      // index of the next record to send
-	pending  map[int64]int32
-	queued   int64 // data bytes appended, not yet sent
-	hseq     uint64
-	lastHdr  time.Time
-	stats    journalStats
-	nosync   bool
-	iovHdr   [jrecHeaderSize]byte
-	padBytes [jrecHeaderSize]byte
+	// spillingHint mirrors spilling for the write path's lock-free fast
+	// path: a writer that completed a spill stored it before returning,
+	// so any write that starts after one sees it set.
+	spillingHint atomic.Bool
+	head         int64
+	tail         int64
+	diskTail     int64 // the tail the header on disk names
+	nextSeq      uint64
+	ents         []jentry // from tail to head; ents[:sent] are on the wire
+	first        int      // ents[first] is the oldest (a slice queue)
+	sent         int      // index of the next record to send
+	pending      map[int64]int32
+	queued       int64 // data bytes appended, not yet sent
+	hseq         uint64
+	lastHdr      time.Time
+	stats        journalStats
+	nosync       bool
+	iovHdr       [jrecHeaderSize]byte
+	padBytes     [jrecHeaderSize]byte
 }
 
 type journalStats struct {
@@ -431,12 +436,18 @@ func (j *journal) detach(s *session) error {
 		return nil
 	}
 	j.owner = nil
-	j.spilling = false
+	j.setSpilling(false)
 	j.ents, j.first, j.sent = j.ents[:0], 0, 0
 	clear(j.pending)
 	j.queued = 0
 	j.tail = j.head
 	return j.writeHeader(false)
+}
+
+// setSpilling changes the spill state; mu is held.
+func (j *journal) setSpilling(on bool) {
+	j.spilling = on
+	j.spillingHint.Store(on)
 }
 
 // used is the ring bytes between tail and head.
@@ -557,7 +568,7 @@ func (j *journal) next(s *session) (jentry, bool) {
 	defer j.mu.Unlock()
 	if j.owner != s || j.first+j.sent >= len(j.ents) {
 		if j.owner == s {
-			j.spilling = false
+			j.setSpilling(false)
 		}
 		return jentry{}, false
 	}
