@@ -290,6 +290,7 @@ type mirrorPeerStatus struct {
 	LagSeconds      float64 `json:"lag_seconds"`
 	JournalBytes    int64   `json:"journal_bytes"`
 	JournalCapacity int64   `json:"journal_capacity"`
+	LagOverBound    bool    `json:"lag_over_bound"`
 	Journal         *struct {
 		SpilledWrites int64 `json:"spilled_writes"`
 		FullEvents    int64 `json:"full_events"`

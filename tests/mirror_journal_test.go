@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -121,6 +123,83 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 			b.umount()
 			b.fsck()
 			b.detach(true)
+		})
+	}
+}
+
+// TestAsyncLagBound: with peer.max-lag.bytes set, a stalled link reports
+// its lag in status and events; "alert" only reports crossing the bound
+// (both ways), "block" holds writes at the bound until the link recovers.
+func TestAsyncLagBound(t *testing.T) {
+	const bound = 8 << 20
+	for _, policy := range []string{"alert", "block"} {
+		t.Run(policy, func(t *testing.T) {
+			set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=64MiB"}
+			pr := startPrimary(t, pairOptions{mode: "async", size: "64MiB", betaSet: set,
+				alphaSet: append(set, fmt.Sprintf("peer.max-lag.bytes=%d", bound), "peer.lag-policy="+policy)})
+			ev := pr.alpha.watchEvents()
+			c, err := dialNBD("unix", pr.alpha.sock, "vol0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			pr.proxy.stalled.Store(true)
+			const chunk, total = 256 << 10, 24 << 20
+			var written atomic.Int64
+			done := make(chan error, 1)
+			go func() {
+				buf := make([]byte, chunk)
+				for off := int64(0); off < total; off += chunk {
+					if err := c.mustWrite(uint64(off), buf, 0); err != nil {
+						done <- err
+						return
+					}
+					written.Add(chunk)
+				}
+				done <- nil
+			}()
+			over := ev.waitEvent(t, "lag over the bound", stateTimeout, func(e mirrorEvent) bool {
+				return e.Type == "lag" && e.Status.Peer != nil && e.Status.Peer.LagOverBound
+			})
+			if over.Status.Peer.LagBytes <= bound {
+				t.Fatalf("lag event over the bound with lag %d bytes", over.Status.Peer.LagBytes)
+			}
+			if out := pr.alpha.mustCLI("status"); !strings.Contains(out, "lag:") || !strings.Contains(out, "policy:"+policy) {
+				t.Fatalf("human status lacks the lag:\n%s", out)
+			}
+			if policy == "block" {
+				// Held at the bound: the lag stays there and the writer
+				// makes no progress while the link is stalled.
+				st := pr.alpha.waitStatus("writes held at the bound", stateTimeout, func(s mirrorStatus) bool {
+					return s.Peer.LagBytes >= bound
+				})
+				held := written.Load()
+				if held >= total || st.Peer.LagBytes > bound+2*chunk {
+					t.Fatalf("block policy: %d of %d bytes written, lag %d (bound %d)", held, total, st.Peer.LagBytes, bound)
+				}
+				for range 5 {
+					if st := pr.alpha.status(); st.Peer.LagBytes > bound+2*chunk {
+						t.Fatalf("block policy: lag %d past the bound %d", st.Peer.LagBytes, bound)
+					}
+				}
+				if w := written.Load(); w > held+chunk {
+					t.Fatalf("block policy: writes went on while held (%d then %d bytes)", held, w)
+				}
+				t.Logf("block: writer held at %d bytes, lag %d", held, st.Peer.LagBytes)
+			} else if err := <-done; err != nil {
+				t.Fatal(err) // alert never holds writes
+			}
+			pr.proxy.stalled.Store(false)
+			if policy == "block" {
+				if err := <-done; err != nil {
+					t.Fatal(err)
+				}
+			}
+			ev.waitEvent(t, "lag back within the bound", resyncTimeout, func(e mirrorEvent) bool {
+				return e.Type == "lag" && e.Status.Peer != nil && !e.Status.Peer.LagOverBound
+			})
+			pr.waitInSync(resyncTimeout)
+			pr.stopAndCompare(t)
 		})
 	}
 }
