@@ -63,8 +63,9 @@ func (s *session) replicateAsync(o op) (ok bool, err error) {
 }
 
 // spill appends o to the journal if the stream is spilling (or force: the
-// window is full). Its bits are set first, under the journal lock, so that
-// no acknowledgement can clear them before the record is counted.
+// window is full). Its bits are set under the journal lock, right after
+// the record is counted (which looks at them as they were), so that no
+// acknowledgement can clear them in between; the local write follows.
 func (s *session) spill(o op, force bool) spillResult {
 	j := s.l.journal
 	if !force && !s.ahead.Load() && !j.spillingHint.Load() {
@@ -82,10 +83,10 @@ func (s *session) spill(o op, force bool) spillResult {
 	if !j.spilling && !force {
 		return spillNo
 	}
-	s.v.dirty.Set(o.off, o.n)
 	started := !j.spilling
 	j.setSpilling(true)
 	err := j.appendLocked(o, time.Now(), s.epoch.Load())
+	s.v.dirty.Set(o.off, o.n)
 	switch {
 	case err == nil:
 		if started {
@@ -215,9 +216,16 @@ func (s *session) clearSynced(off, n int64, epoch uint64) {
 	}
 	rs := s.v.dirty.RegionSize()
 	for r := off / rs; r <= (off+max(n, 1)-1)/rs; r++ {
-		if j.pending[r] == 0 {
+		p, ok := j.pending[r]
+		if !ok {
 			s.v.dirty.ClearRegions(r*rs, rs)
+			continue
 		}
+		// The peer has the whole region as of the resync's read; the
+		// queued records bring it up to date, so their acknowledgement
+		// may clear the bit.
+		p.foreign = false
+		j.pending[r] = p
 	}
 }
 

@@ -352,3 +352,32 @@ func TestLagPolicies(t *testing.T) {
 		assertIdentical(t, a, b)
 	})
 }
+
+// TestJournalDuringResyncKeepsForeignBits: while a resync after a cut is
+// running, partial-region writes to regions still out of sync spill to the
+// journal. Their acknowledgement must not clear those regions' bits (the
+// rest of each region is still stale on the peer): the replicas end
+// identical.
+func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 2 << 20, peer: journalPeer(4096, 8<<20)})
+	fault.slow.Store(rate.NewLimiter(4<<20, 64<<10))
+	fault.setCut(true)
+	waitFor(t, "cut", func() bool { return a.v.Status().Peer.Connection != string(ConnConnected) })
+	writeStamped(t, a.v, 0, 1024) // 4 MiB out of sync
+	fault.setCut(false)
+	waitFor(t, "resync", func() bool { return a.v.Status().Peer.Replication == string(ReplSyncSource) })
+	buf := make([]byte, 512)
+	for i := range 1024 {
+		buf[0] = byte(i) | 1
+		if err := a.v.WriteAt(buf, int64(i)*4096+1024, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := a.v.Status().Peer; st.Journal.SpilledWrites == 0 {
+		t.Fatalf("test setup: nothing spilled during the resync: %+v", st.Journal)
+	}
+	waitFor(t, "in sync", func() bool {
+		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0 && a.v.Status().Peer.JournalBytes == 0
+	})
+	assertIdentical(t, a, b)
+}

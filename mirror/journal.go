@@ -288,8 +288,9 @@ type journal struct {
 	ents         []jentry // from tail to head; ents[:sent] are on the wire
 	first        int      // ents[first] is the oldest (a slice queue)
 	sent         int      // index of the next record to send
-	pending      map[int64]int32
-	queued       int64 // data bytes appended, not yet sent
+	pending      map[int64]jpending
+	progress     chan struct{} // an acknowledgement retired a record
+	queued       int64         // data bytes appended, not yet sent
 	hseq         uint64
 	lastHdr      time.Time
 	stats        journalStats
@@ -315,7 +316,7 @@ func openJournal(path string, capacity int64, dirty *bitmap.Bitmap, fold func(of
 	if err != nil {
 		return nil, fmt.Errorf("open journal: %w", err)
 	}
-	j := &journal{f: f, fd: int(f.Fd()), path: path, capacity: capacity, dirty: dirty, pending: make(map[int64]int32)}
+	j := &journal{f: f, fd: int(f.Fd()), path: path, capacity: capacity, dirty: dirty, pending: make(map[int64]jpending), progress: make(chan struct{}, 1)}
 	h, found := j.loadHeader()
 	if found {
 		j.hseq = h.hseq
@@ -543,21 +544,53 @@ func (j *journal) pwritev(hdr, payload []byte, pos int64) error {
 	return nil
 }
 
+// jpending is a region's journaled writes not yet acknowledged. foreign
+// says its bit was already set when the first of them was queued (the
+// region was out of sync for another reason: a disconnect, a verify
+// mismatch): then their acknowledgement does not make it in sync (a
+// record may cover part of the region only), the resync does.
+type jpending struct {
+	n       int32
+	foreign bool
+}
+
 // countRegions adjusts how many journaled, unacknowledged writes cover
-// each region of the range.
+// each region of the range, and returns the regions that are no longer
+// covered and owe their bit to the journal alone. Appends call it before
+// the write's bits are set.
 func (j *journal) countRegions(off, n int64, d int32) []int64 {
 	rs := j.dirty.RegionSize()
-	var zeroed []int64
+	var cleared []int64
 	for r := off / rs; r <= (off+max(n, 1)-1)/rs; r++ {
-		c := j.pending[r] + d
-		if c <= 0 {
-			delete(j.pending, r)
-			zeroed = append(zeroed, r)
+		p, ok := j.pending[r]
+		if !ok && d > 0 {
+			p.foreign = j.dirty.Test(r*rs, 1)
+		}
+		p.n += d
+		if p.n > 0 {
+			j.pending[r] = p
 			continue
 		}
-		j.pending[r] = c
+		delete(j.pending, r)
+		if !p.foreign {
+			cleared = append(cleared, r)
+		}
 	}
-	return zeroed
+	return cleared
+}
+
+// covered reports that every region of the range has a journaled write
+// queued: the journal will carry it, a resync need not.
+func (j *journal) covered(off, n int64) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	rs := j.dirty.RegionSize()
+	for r := off / rs; r <= (off+max(n, 1)-1)/rs; r++ {
+		if j.pending[r].n == 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // next returns the oldest record not yet sent. With none left it ends the
@@ -638,11 +671,15 @@ func (j *journal) ack(s *session, seq uint64) {
 		}
 	}
 	rs := j.dirty.RegionSize()
-	zeroed := j.countRegions(e.off, e.n, -1)
+	cleared := j.countRegions(e.off, e.n, -1)
 	if e.epoch == s.epoch.Load() {
-		for _, r := range zeroed {
+		for _, r := range cleared {
 			j.dirty.ClearRegions(r*rs, rs)
 		}
+	}
+	select {
+	case j.progress <- struct{}{}:
+	default:
 	}
 	if time.Since(j.lastHdr) > time.Second {
 		// The tail on disk only bounds the fold after a crash; keeping
