@@ -65,6 +65,10 @@ type session struct {
 	// Secondary side.
 	applying sync.WaitGroup
 	syncing  atomic.Bool // we are the sync target of a running resync
+	// fullSync: this session's resync rewrites the whole disk (unrelated
+	// data, split-brain resolution), so no undo log: it would be as large
+	// as the volume.
+	fullSync bool
 
 	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
@@ -185,8 +189,11 @@ func (l *link) establish(c net.Conn) (*session, error) {
 			// Live writes may arrive before the first resync data and
 			// are newer than what this disk lacks: protect the image
 			// from the first frame.
-			if err := v.beginUndo(); err != nil {
-				return refuse("start undo log: %v", err)
+			s.fullSync = d.Full
+			if !d.Full {
+				if err := v.beginUndo(); err != nil {
+					return refuse("start undo log: %v", err)
+				}
 			}
 		}
 	}
@@ -712,8 +719,10 @@ func (s *session) applyRemote(f wan.Frame) error {
 		// source says the resync is done: a half-copied disk must never
 		// be promoted as it is. The undo log keeps the image it held
 		// before recoverable.
-		if err := v.beginUndo(); err != nil {
-			return err
+		if !s.fullSync {
+			if err := v.beginUndo(); err != nil {
+				return err
+			}
 		}
 		if err := v.setDisk(DiskInconsistent); err != nil {
 			return err
