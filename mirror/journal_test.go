@@ -111,12 +111,18 @@ func TestJournalRingWrapsAndFoldsAfterCrash(t *testing.T) {
 	}
 }
 
-func TestUndoRecordRoundTrip(t *testing.T) {
-	data := []byte("old contents")
-	r := urec{seq: 3, off: 8192, n: int64(len(data))}
+// encodeUrec is an undo record as stored.
+func encodeUrec(seq uint64, off int64, data []byte) []byte {
+	r := urec{seq: seq, off: off, n: int64(len(data))}
 	b := make([]byte, urecHeaderSize+len(data))
 	copy(b[urecHeaderSize:], data)
-	r.putHeader(b, data)
+	r.putHeader(b, b[urecHeaderSize:])
+	return b
+}
+
+func TestUndoRecordRoundTrip(t *testing.T) {
+	data := []byte("old contents")
+	b := encodeUrec(3, 8192, data)
 	got, d, err := decodeUrec(b, 1<<20)
 	if err != nil || got.seq != 3 || got.off != 8192 || !bytes.Equal(d, data) {
 		t.Fatalf("decode: %+v %q %v", got, d, err)
@@ -185,12 +191,7 @@ func FuzzJournalHeader(f *testing.F) {
 }
 
 func FuzzUndoRecord(f *testing.F) {
-	data := []byte("pre-image")
-	r := urec{seq: 1, off: 4096, n: int64(len(data))}
-	b := make([]byte, urecHeaderSize+len(data))
-	copy(b[urecHeaderSize:], data)
-	r.putHeader(b, data)
-	f.Add(b)
+	f.Add(encodeUrec(1, 4096, []byte("pre-image")))
 	h := undoHeader{gen: Generations{Current: 10, History: [2]uint64{4, 2}}, disk: DiskUpToDate}
 	f.Add(h.encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -208,10 +209,7 @@ func FuzzUndoRecord(f *testing.F) {
 			}
 			return
 		}
-		enc := make([]byte, urecHeaderSize+len(data))
-		copy(enc[urecHeaderSize:], data)
-		r.putHeader(enc, data)
-		if !bytes.Equal(enc, b[:len(enc)]) {
+		if enc := encodeUrec(r.seq, r.off, data); !bytes.Equal(enc, b[:len(enc)]) {
 			t.Fatal("undo record re-encoding differs")
 		}
 	})
