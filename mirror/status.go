@@ -14,6 +14,8 @@ type Status struct {
 	SizeBytes      int64       `json:"size_bytes"`
 	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
 	Generations    string      `json:"generations,omitempty"`
+	// Fence is the failover agent's write fence: none, suspend or error.
+	Fence string `json:"fence,omitempty"`
 	Peer           *PeerStatus `json:"peer,omitempty"`
 }
 
@@ -41,6 +43,9 @@ func (v *Volume) Status() Status {
 	st := Status{
 		Volume: v.name, Node: v.node, Role: v.Role().String(), Disk: v.Disk().String(),
 		SizeBytes: v.size, OutOfSyncBytes: v.dirty.DirtyBytes(),
+	}
+	if m := FenceMode(v.fc.mode.Load()); m != Unfenced {
+		st.Fence = m.String()
 	}
 	if v.meta != nil {
 		st.Generations = genString(v.meta.snapshot().gen)
