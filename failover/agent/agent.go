@@ -108,9 +108,10 @@ type Config struct {
 	Resources Resources
 	// ResourceTimeout bounds a Start or Stop of the chain; default 30 s.
 	ResourceTimeout time.Duration
-	// VoteTimeout bounds one round trip to the witness; default two
-	// ticks (at least 100 ms). A later answer is dropped: its lease would
-	// be stamped late.
+	// VoteTimeout bounds one call to the witness (with its
+	// retransmissions); default half a heartbeat interval. A later answer
+	// is dropped: the runner stamps a grant when it arrives, so a late one
+	// would overstate the lease.
 	VoteTimeout time.Duration
 	// Clock defaults to RealClock.
 	Clock Clock
@@ -123,7 +124,6 @@ type Config struct {
 const (
 	DefaultResourceTimeout = 30 * time.Second
 	DefaultHistory         = 32
-	minVoteTimeout         = 100 * time.Millisecond
 	// handoverCopies: a PeerPromote is sent this many times on every path
 	// (UDP may drop one); the receiver acts on the first.
 	handoverCopies = 3
@@ -222,7 +222,7 @@ func New(cfg Config, vol Volume, paths []Path) (*Agent, error) {
 	// Fill the machine's defaults into our copy for the timers.
 	cfg.Machine = fillDefaults(mc)
 	if cfg.VoteTimeout == 0 {
-		cfg.VoteTimeout = max(2*cfg.Machine.TickInterval, minVoteTimeout)
+		cfg.VoteTimeout = cfg.Machine.HeartbeatInterval / 2
 	}
 	a := &Agent{
 		cfg: cfg, vol: vol, paths: paths, key: Key(cfg.Secret), clock: cfg.Clock,
