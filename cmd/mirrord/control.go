@@ -65,9 +65,21 @@ func (c *controlServer) handler() http.Handler {
 			c.failoverCommand(w, "promote --force", failover.ForcePromote{AcceptDataLoss: r.URL.Query().Get("accept-data-loss") == "1"})
 			return
 		}
-		c.act(w, "promote", c.vol.Promote(mirror.PromoteOptions{Force: force}))
+		err := c.vol.Promote(mirror.PromoteOptions{Force: force})
+		if err == nil && c.agent != nil {
+			// The agent unfences once it knows this node is the only
+			// Primary; the resources come up now.
+			err = c.agent.Resources(r.Context(), true)
+		}
+		c.act(w, "promote", err)
 	})
 	mux.HandleFunc("POST /demote", func(w http.ResponseWriter, r *http.Request) {
+		if c.agent != nil {
+			if err := c.agent.Resources(r.Context(), false); err != nil {
+				c.act(w, "demote", err)
+				return
+			}
+		}
 		c.act(w, "demote", c.vol.Demote())
 	})
 	mux.HandleFunc("POST /connect", func(w http.ResponseWriter, r *http.Request) {

@@ -147,7 +147,7 @@ type Agent struct {
 	cmds    chan command
 	votes   chan voteReply
 	results chan failover.ActionResult
-	work    chan failover.Action
+	work    chan job
 	quit    chan struct{}
 	done    chan struct{}
 	wg      sync.WaitGroup
@@ -228,7 +228,7 @@ func New(cfg Config, vol Volume, paths []Path) (*Agent, error) {
 		cfg: cfg, vol: vol, paths: paths, key: Key(cfg.Secret), clock: cfg.Clock,
 		log: cfg.Log.With().Str("component", "failover").Logger(), m: m, boot: randomBoot(),
 		inbox: make(chan inMsg, 64), cmds: make(chan command), votes: make(chan voteReply, 1),
-		results: make(chan failover.ActionResult, 16), work: make(chan failover.Action, 64),
+		results: make(chan failover.ActionResult, 16), work: make(chan job, 64),
 		quit: make(chan struct{}), done: make(chan struct{}),
 		filters: map[string]*replayFilter{}, subs: map[chan failover.Decision]struct{}{},
 	}
@@ -313,6 +313,37 @@ func (a *Agent) Do(ctx context.Context, ev failover.Event) ([]failover.Decision,
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// Resources starts (or stops) the resource chain for an operator's
+// promotion (demotion) made outside the machine, e.g. the first `mirrord
+// promote` of a new pair; it runs in order with the agent's other
+// actions.
+func (a *Agent) Resources(ctx context.Context, start bool) error {
+	var act failover.Action = failover.StopResources{Reason: "operator demotion"}
+	if start {
+		act = failover.StartResources{Reason: "operator promotion"}
+	}
+	done := make(chan error, 1)
+	select {
+	case a.work <- job{act: act, done: done}:
+	case <-a.quit:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// job is one action for the worker; done, if set, gets the outcome.
+type job struct {
+	act  failover.Action
+	done chan error
 }
 
 // Report is the agent's state for status displays.
@@ -544,7 +575,7 @@ func (a *Agent) step(ev failover.Event) []failover.Decision {
 			a.log.Info().Str("reason", act.Reason).Msg("failover intent withdrawn")
 		default:
 			select {
-			case a.work <- act:
+			case a.work <- job{act: act}:
 			default:
 				a.log.Error().Type("action", act).Msg("action queue full: action dropped")
 				if id := actionID(act); id != 0 {
@@ -622,8 +653,11 @@ func (a *Agent) worker() {
 		select {
 		case <-a.quit:
 			return
-		case act := <-a.work:
-			id, err := a.carryOut(act)
+		case j := <-a.work:
+			id, err := a.carryOut(j.act)
+			if j.done != nil {
+				j.done <- err
+			}
 			if id != 0 {
 				select {
 				case a.results <- failover.ActionResult{ID: id, Err: err}:
