@@ -87,11 +87,7 @@ func TestWatchdogFencesUnlessRenewed(t *testing.T) {
 }
 
 func TestHoldOnDisconnectAndFencedPromotion(t *testing.T) {
-	a, b, fault := newPair(t, pairOpts{mode: ModeSync})
-	// Reopen a with the failover agent's options.
-	_ = a.v.Close()
-	a.opts.HoldOnDisconnect, a.opts.FencePromotions = true, true
-	a.reopen(t)
+	a, b, fault := newPair(t, pairOpts{mode: ModeSync, fenceA: true})
 	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
 	if err := a.v.Promote(PromoteOptions{}); err != nil {
 		t.Fatal(err)

@@ -14,9 +14,10 @@ type Status struct {
 	SizeBytes      int64       `json:"size_bytes"`
 	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
 	Generations    string      `json:"generations,omitempty"`
-	// Fence is the failover agent's write fence: none, suspend or error.
-	Fence string `json:"fence,omitempty"`
 	Peer           *PeerStatus `json:"peer,omitempty"`
+	// Fence is the failover agent's write fence: suspend or error ("" when
+	// writes pass).
+	Fence string `json:"fence,omitempty"`
 }
 
 // PeerStatus describes the replication link.

@@ -305,7 +305,9 @@ const failoverPathReplication = failover.PathReplication
 
 // atomicRecv hands received messages to the agent once it exists (the
 // volume, which delivers the replication link's, is opened first).
-type atomicRecv struct{ p atomic.Pointer[func(string, []byte)] }
+type atomicRecv struct {
+	p atomic.Pointer[func(string, []byte)]
+}
 
 func (r *atomicRecv) store(f func(string, []byte)) { r.p.Store(&f) }
 
