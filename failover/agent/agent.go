@@ -160,6 +160,7 @@ type Agent struct {
 	voting    bool
 	nextVote  *failover.RequestVote
 	lastLocal failover.LocalState
+	pending   []failover.ActionResult
 
 	mu      sync.Mutex // guards what Status and subscribers read
 	status  failover.Status
@@ -385,14 +386,14 @@ func (a *Agent) loop() {
 	defer cancel()
 	tick := a.clock.NewTicker(a.cfg.Machine.TickInterval)
 	defer tick.Stop()
-	a.step(a.localState())
+	a.handle(a.localState())
 	a.beacons(true)
 	for {
 		select {
 		case <-a.quit:
 			return
 		case <-tick.C():
-			a.step(failover.Tick{Now: a.clock.Now()})
+			a.handle(failover.Tick{Now: a.clock.Now()})
 			a.refreshLocal()
 			a.beacons(false)
 		case in := <-a.inbox:
@@ -404,14 +405,14 @@ func (a *Agent) loop() {
 			}
 			a.refreshLocal()
 		case c := <-a.cmds:
-			c.reply <- a.step(c.ev)
+			c.reply <- a.handle(c.ev)
 		case r := <-a.votes:
 			a.voting = false
 			if r.err != nil {
 				a.log.Debug().Err(r.err).Msg("witness did not answer")
 			} else {
 				r.v.Now = a.clock.Now()
-				a.step(r.v)
+				a.handle(r.v)
 			}
 			if a.nextVote != nil {
 				rv := *a.nextVote
@@ -419,7 +420,7 @@ func (a *Agent) loop() {
 				a.requestVote(rv)
 			}
 		case r := <-a.results:
-			a.step(r)
+			a.handle(r)
 			a.refreshLocal()
 		}
 	}
@@ -443,13 +444,13 @@ func (a *Agent) received(in inMsg) {
 	}
 	switch m.Kind {
 	case KindBeacon:
-		a.step(failover.Heartbeat{Path: in.path, Now: in.at, Beacon: m.Beacon})
+		a.handle(failover.Heartbeat{Path: in.path, Now: in.at, Beacon: m.Beacon})
 	case KindPeerPromote:
 		if m.Epoch <= a.handed && a.handed != 0 {
 			return // another copy of a handover already stepped
 		}
 		a.handed = m.Epoch
-		a.step(failover.Handover{From: m.Node, Epoch: m.Epoch})
+		a.handle(failover.Handover{From: m.Node, Epoch: m.Epoch})
 	}
 }
 
@@ -497,7 +498,7 @@ func (a *Agent) handover(epoch uint64) bool {
 // refreshLocal steps LocalState when the volume changed.
 func (a *Agent) refreshLocal() {
 	if ls := a.localState(); ls != a.lastLocal {
-		a.step(ls)
+		a.handle(ls)
 	}
 }
 
@@ -589,14 +590,21 @@ func (a *Agent) step(ev failover.Event) []failover.Decision {
 }
 
 // result reports an action's outcome as a later event, never from inside
-// the batch being carried out.
+// the batch being carried out: settle steps it once the batch is done.
 func (a *Agent) result(id failover.ActionID, err error) {
-	go func() {
-		select {
-		case a.results <- failover.ActionResult{ID: id, Err: err}:
-		case <-a.quit:
-		}
-	}()
+	a.pending = append(a.pending, failover.ActionResult{ID: id, Err: err})
+}
+
+// handle steps ev, then the results of the actions it caused that were
+// carried out on the spot.
+func (a *Agent) handle(ev failover.Event) []failover.Decision {
+	d := a.step(ev)
+	for len(a.pending) > 0 {
+		r := a.pending[0]
+		a.pending = a.pending[1:]
+		a.step(r)
+	}
+	return d
 }
 
 func actionID(act failover.Action) failover.ActionID {
