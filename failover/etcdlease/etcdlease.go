@@ -40,6 +40,8 @@ import (
 const (
 	DefaultPrefix      = "/mirrord/vote/"
 	DefaultDialTimeout = 5 * time.Second
+	// DefaultTimeout bounds a call whose context has no deadline.
+	DefaultTimeout = 2 * time.Second
 )
 
 // ErrConfig is wrapped by configuration errors; the message names the field.
@@ -57,6 +59,9 @@ type Config struct {
 	LeaseTTL time.Duration
 	// DialTimeout bounds the first connection (DefaultDialTimeout).
 	DialTimeout time.Duration
+	// Timeout bounds Vote and Release when their context has no deadline
+	// (DefaultTimeout): etcd's client retries until the context ends.
+	Timeout time.Duration
 	// Username, Password and TLS are passed to the etcd client.
 	Username, Password string
 	TLS                *tls.Config
@@ -64,9 +69,10 @@ type Config struct {
 
 // Voter implements failover.Voter on etcd. Safe for concurrent use.
 type Voter struct {
-	cli    *clientv3.Client
-	prefix string
-	ttl    int64 // seconds
+	cli     *clientv3.Client
+	prefix  string
+	ttl     int64 // seconds
+	timeout time.Duration
 }
 
 var _ failover.Voter = (*Voter)(nil)
@@ -78,6 +84,9 @@ func New(cfg Config) (*Voter, error) {
 	}
 	if cfg.DialTimeout == 0 {
 		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
 	}
 	switch {
 	case len(cfg.Endpoints) == 0:
@@ -95,7 +104,25 @@ func New(cfg Config) (*Voter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd %v: %w", cfg.Endpoints, err)
 	}
-	return &Voter{cli: cli, prefix: cfg.Prefix, ttl: int64(math.Ceil(cfg.LeaseTTL.Seconds()))}, nil
+	return &Voter{cli: cli, prefix: cfg.Prefix, ttl: int64(math.Ceil(cfg.LeaseTTL.Seconds())), timeout: cfg.Timeout}, nil
+}
+
+// ErrBadRequest: a request that names no volume or node, or the same node
+// twice.
+var ErrBadRequest = errors.New("etcdlease: bad request")
+
+func (v *Voter) check(ctx context.Context, volume, node, other string) (context.Context, context.CancelFunc, error) {
+	switch {
+	case volume == "" || node == "" || other == "":
+		return nil, nil, fmt.Errorf("%w: volume %q, nodes %q and %q: none may be empty", ErrBadRequest, volume, node, other)
+	case node == other:
+		return nil, nil, fmt.Errorf("%w: both nodes are %q", ErrBadRequest, node)
+	}
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, v.timeout)
+	return ctx, cancel, nil
 }
 
 // Close implements failover.Voter. Leases are left to run out: closing a
@@ -173,6 +200,11 @@ func (s *snapshot) unchanged() []clientv3.Cmp {
 
 // Vote implements failover.Voter.
 func (v *Voter) Vote(ctx context.Context, req failover.VoteRequest) (failover.WitnessVote, error) {
+	ctx, cancel, err := v.check(ctx, req.Volume, req.Node, req.Peer)
+	if err != nil {
+		return failover.WitnessVote{}, err
+	}
+	defer cancel()
 	for {
 		w, done, err := v.tryVote(ctx, req)
 		if err != nil {
@@ -249,6 +281,11 @@ func (v *Voter) revoke(id clientv3.LeaseID) {
 
 // Release implements failover.Voter.
 func (v *Voter) Release(ctx context.Context, volume, from, to string) error {
+	ctx, cancel, err := v.check(ctx, volume, from, to)
+	if err != nil {
+		return err
+	}
+	defer cancel()
 	for {
 		s, err := v.read(ctx, volume)
 		if err != nil {

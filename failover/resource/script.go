@@ -1,13 +1,12 @@
 package resource
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -73,15 +72,21 @@ func (s *Script) Run(ctx context.Context, action string) error {
 		ctx, cancel = context.WithTimeout(ctx, s.Timeout)
 		defer cancel()
 	}
+	// The output goes to an unlinked temporary file, not a pipe: a start
+	// script that leaves a daemon behind with the script's stdout would
+	// otherwise hold Wait until the daemon exits, or, once we closed the
+	// pipe, kill it with SIGPIPE on its next write.
+	out, err := os.CreateTemp("", "mirrord-script-")
+	if err != nil {
+		return fmt.Errorf("run %s %s: %w", s.Path, action, err)
+	}
+	os.Remove(out.Name())
+	defer out.Close()
 	cmd := exec.CommandContext(ctx, s.Path, append([]string{action}, s.Args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
-	// A grandchild holding the output pipe must not keep Wait waiting
-	// after the kill.
-	cmd.WaitDelay = time.Second
-	out := &tailBuffer{max: maxOutput}
 	cmd.Stdout, cmd.Stderr = out, out
-	err := cmd.Run()
+	err = cmd.Run()
 	if ctx.Err() != nil {
 		// Also kill a group whose leader exited on its own but left
 		// children running past the deadline.
@@ -90,11 +95,11 @@ func (s *Script) Run(ctx context.Context, action string) error {
 		if errors.Is(cause, context.DeadlineExceeded) {
 			cause = ErrTimeout
 		}
-		return fmt.Errorf("%s %s: %w (process group killed); output: %s", s.Path, action, cause, strings.TrimSpace(out.String()))
+		return fmt.Errorf("%s %s: %w (process group killed); output: %s", s.Path, action, cause, strings.TrimSpace(tail(out)))
 	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
-		se := &ScriptError{Path: s.Path, Action: action, ExitCode: ee.ExitCode(), Output: out.String()}
+		se := &ScriptError{Path: s.Path, Action: action, ExitCode: ee.ExitCode(), Output: tail(out)}
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 			se.Signal = ws.Signal().String()
 		}
@@ -106,25 +111,14 @@ func (s *Script) Run(ctx context.Context, action string) error {
 	return nil
 }
 
-// tailBuffer keeps the last max bytes written.
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   bytes.Buffer
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b.Write(p)
-	if extra := t.b.Len() - t.max; extra > 0 {
-		t.b.Next(extra)
+// tail returns the last maxOutput bytes written to f.
+func tail(f *os.File) string {
+	fi, err := f.Stat()
+	if err != nil {
+		return ""
 	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.b.String()
+	off := max(0, fi.Size()-maxOutput)
+	b := make([]byte, fi.Size()-off)
+	n, _ := f.ReadAt(b, off)
+	return string(b[:n])
 }

@@ -114,3 +114,29 @@ func TestScriptInChain(t *testing.T) {
 		t.Fatalf("Start: %v", err)
 	}
 }
+
+// A start script that leaves a daemon behind, holding its stdout, returns
+// as soon as the script exits, and the daemon lives on.
+func TestScriptLeavesDaemon(t *testing.T) {
+	pidFile := filepath.Join(t.TempDir(), "daemon.pid")
+	p := writeScript(t, `sleep 300 &
+echo $! > `+pidFile+`
+echo started
+`)
+	start := time.Now()
+	if err := (&Script{Path: p, Timeout: 10 * time.Second}).Start(context.Background()); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("start waited %v for the daemon", d)
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	defer unix.Kill(pid, unix.SIGKILL)
+	if err := unix.Kill(pid, 0); err != nil || zombie(pid) {
+		t.Fatalf("daemon %d gone after the script returned: %v", pid, err)
+	}
+}

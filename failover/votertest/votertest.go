@@ -44,6 +44,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) *Backend) {
 		{"ReleaseByNonHolderFails", testReleaseNonHolder},
 		{"VolumesIndependent", testVolumes},
 		{"ConcurrentAskersOneGrant", testConcurrent},
+		{"RejectsBadRequests", testBadRequests},
 		{"SurvivesRestart", testRestart},
 	}
 	for _, tc := range tests {
@@ -101,8 +102,9 @@ func denied(holder string, epoch uint64) failover.WitnessVote {
 	return failover.WitnessVote{Holder: holder, Epoch: epoch}
 }
 
-// expire lets the current lease (granted at or after since) run out and then
-// has r asked until granted; it checks the grant did not come early.
+// expire lets the current lease run out and then has r asked until granted;
+// since is taken before the call that granted (or renewed) that lease, so a
+// grant less than TTL after it came early.
 func expire(t *testing.T, b *Backend, since time.Time, r failover.VoteRequest) failover.WitnessVote {
 	t.Helper()
 	if b.Advance != nil {
@@ -117,10 +119,8 @@ func expire(t *testing.T, b *Backend, since time.Time, r failover.VoteRequest) f
 	for {
 		v := vote(t, b.Voter, r)
 		if v.Granted {
-			// The lease started before `since` was taken at the
-			// earliest by one round trip; allow that much.
-			if early := b.TTL - time.Since(since); early > 100*time.Millisecond {
-				t.Fatalf("%s granted %v before the lease of %v expired", r.Node, early, b.TTL)
+			if age := time.Since(since); age < b.TTL {
+				t.Fatalf("%s granted %v after the holder's last grant, inside its lease of %v", r.Node, age, b.TTL)
 			}
 			return v
 		}
@@ -170,14 +170,14 @@ func testEpochRaised(t *testing.T, b *Backend) {
 }
 
 func testExpiry(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 4)), granted("a", 4))
 	since := time.Now()
+	want(t, "a", vote(t, b.Voter, req("a", "b", 4)), granted("a", 4))
 	want(t, "b after a's lease ran out", expire(t, b, since, req("b", "a", 4)), granted("b", 5))
 	want(t, "a while b holds", vote(t, b.Voter, req("a", "b", 4)), denied("b", 5))
 	// b renews: still its vote, same epoch.
+	since = time.Now()
 	want(t, "b renews", vote(t, b.Voter, req("b", "a", 5)), granted("b", 5))
 	// Back to a after b's lease: another bump, from max(counter, request).
-	since = time.Now()
 	want(t, "a after b's lease ran out", expire(t, b, since, req("a", "b", 9)), granted("a", 10))
 }
 
@@ -187,9 +187,9 @@ func testOutdated(t *testing.T, b *Backend) {
 	got := vote(t, b.Voter, r)
 	want(t, "a claims b outdated", got, failover.WitnessVote{Granted: true, Holder: "a", Epoch: 1, PeerOutdated: true})
 	want(t, "b asks: denied, and told it is outdated", vote(t, b.Voter, req("b", "a", 1)), failover.WitnessVote{Holder: "a", Epoch: 1, Outdated: true})
+	since := time.Now()
 	want(t, "a renews with the claim", vote(t, b.Voter, r), failover.WitnessVote{Granted: true, Holder: "a", Epoch: 1, PeerOutdated: true})
 	// b stays outdated when a's lease runs out: it must not promote.
-	since := time.Now()
 	want(t, "b after expiry", expire(t, b, since, req("b", "a", 1)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 2, Outdated: true})
 	// b, now holder, says a is in sync: recorded; b's own mark stays
 	// until a (b's peer) clears it.
@@ -197,8 +197,8 @@ func testOutdated(t *testing.T, b *Backend) {
 	r = req("b", "a", 2)
 	r.PeerOutdated = true
 	want(t, "b claims a outdated", vote(t, b.Voter, r), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 2, Outdated: true, PeerOutdated: true})
-	want(t, "b clears the claim", vote(t, b.Voter, req("b", "a", 2)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 2, Outdated: true})
 	since = time.Now()
+	want(t, "b clears the claim", vote(t, b.Voter, req("b", "a", 2)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 2, Outdated: true})
 	want(t, "a back, clears b", expire(t, b, since, req("a", "b", 2)), granted("a", 3))
 	want(t, "b in sync again", vote(t, b.Voter, req("b", "a", 3)), denied("a", 3))
 }
@@ -288,13 +288,34 @@ func testRestart(t *testing.T, b *Backend) {
 	r := req("a", "b", 4)
 	r.PeerOutdated = true
 	want(t, "a claims b outdated", vote(t, b.Voter, r), failover.WitnessVote{Granted: true, Holder: "a", Epoch: 4, PeerOutdated: true})
+	since := time.Now()
 	b.Voter = b.Restart(t)
 	// The restarted voter does not know how much of a's lease is left, so
 	// it keeps it for b...
 	want(t, "b right after the restart", vote(t, b.Voter, req("b", "a", 4)), failover.WitnessVote{Holder: "a", Epoch: 4, Outdated: true})
 	// ...and remembers the epoch, last holder and the outdated set.
-	since := time.Now()
 	want(t, "b after the lease", expire(t, b, since, req("b", "a", 4)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 5, Outdated: true})
 	b.Voter = b.Restart(t)
 	want(t, "b renews after another restart: same epoch", vote(t, b.Voter, req("b", "a", 5)), failover.WitnessVote{Granted: true, Holder: "b", Epoch: 5, Outdated: true})
+}
+
+func testBadRequests(t *testing.T, b *Backend) {
+	for _, r := range []failover.VoteRequest{
+		{Node: "a", Peer: "b"},
+		{Volume: vol, Peer: "b"},
+		{Volume: vol, Node: "a"},
+		{Volume: vol, Node: "a", Peer: "a"},
+	} {
+		if v, err := b.Voter.Vote(ctx(t), r); err == nil {
+			t.Errorf("Vote(%+v) = %+v, want an error", r, v)
+		}
+	}
+	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	if err := b.Voter.Release(ctx(t), vol, "a", "a"); err == nil {
+		t.Error("Release to the holder itself succeeded")
+	}
+	if err := b.Voter.Release(ctx(t), vol, "a", ""); err == nil {
+		t.Error("Release to nobody succeeded")
+	}
+	want(t, "a still holds at the same epoch", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
 }

@@ -41,7 +41,7 @@ const (
 	// DefaultLeaseTTL is used when a client sends no TTL: the LAN
 	// detection timeout (failover.DefaultLAN().LeaseTTL()).
 	DefaultLeaseTTL = 2 * time.Second
-	// DefaultMaxLeaseTTL caps what a client may ask for, so that a
+	// DefaultMaxLeaseTTL bounds what a client may ask for, so that a
 	// misconfigured node cannot block failover for hours.
 	DefaultMaxLeaseTTL = 5 * time.Minute
 	// DefaultMaxSkew is the replay window: requests stamped further from
@@ -62,8 +62,8 @@ type Config struct {
 	Secret     []byte
 	// StateDir holds the durable state; created if missing.
 	StateDir string
-	// LeaseTTL is the lease for a request that names none; MaxLeaseTTL
-	// caps the ones that do.
+	// LeaseTTL is the lease for a request that names none; a request
+	// asking for more than MaxLeaseTTL is refused.
 	LeaseTTL, MaxLeaseTTL time.Duration
 	// MaxSkew is the replay window (see the package doc).
 	MaxSkew time.Duration
@@ -241,7 +241,13 @@ func (s *Server) answer(r *Request, wall time.Time) Reply {
 	if ttl == 0 {
 		ttl = s.cfg.LeaseTTL
 	}
-	ttl = min(ttl, s.cfg.MaxLeaseTTL)
+	if ttl > s.cfg.MaxLeaseTTL {
+		// Refused, not capped: a node that believes its lease longer
+		// than the witness keeps it could serve on after the witness has
+		// handed the vote to its peer.
+		log.Warn().Dur("lease", ttl).Dur("max", s.cfg.MaxLeaseTTL).Msg("request refused: lease too long")
+		return Reply{Status: StatusBadRequest, Message: fmt.Sprintf("lease %v exceeds the witness's maximum %v", ttl, s.cfg.MaxLeaseTTL)}
+	}
 	now := s.cfg.Clock()
 	switch r.Op {
 	case OpVote:

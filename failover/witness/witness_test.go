@@ -206,6 +206,7 @@ func TestBadRequests(t *testing.T) {
 		{Op: OpVote, Volume: "v", Peer: "b"},
 		{Op: OpVote, Volume: "v", Node: "a"},
 		{Op: OpRelease, Volume: "v", Node: "a", Peer: "a"},
+		{Op: OpVote, Volume: "v", Node: "a", Peer: "b", TTL: DefaultMaxLeaseTTL + time.Second},
 	} {
 		r.Time = time.Now()
 		r.Nonce[0]++
