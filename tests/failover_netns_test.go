@@ -39,6 +39,7 @@ type lab struct {
 	nodes   map[string]*labNode
 	wit     *exec.Cmd
 	witDone chan struct{}
+	wlog    *writableLog // the two-Primaries checker, while it runs
 }
 
 type labNode struct {
@@ -178,6 +179,9 @@ func (l *lab) start(n *labNode) {
 		_, err := n.status()
 		return err == nil
 	})
+	if l.wlog != nil {
+		l.wlog.watch(n, done)
+	}
 }
 
 func tail(s string, lines int) string {
@@ -290,6 +294,7 @@ type writer struct {
 	mu    sync.Mutex
 	acked map[uint64][]byte // offset -> data of the last acknowledged write
 	seq   atomic.Uint64
+	ok    atomic.Int64 // acknowledged writes (load)
 	c     *nbdClient
 }
 
@@ -316,8 +321,13 @@ func (w *writer) write() error {
 	}
 	n := w.seq.Add(1)
 	off, b := w.block(n)
-	_ = w.c.nc.SetDeadline(time.Now().Add(2 * time.Second))
-	errno, err := w.c.writeAt(off, b, cmdFlagFUA)
+	// The client helper sets its own long deadline on every exchange; a
+	// write still unanswered after 2 s (its server lost the floating IP)
+	// is abandoned by closing the connection.
+	c := w.c
+	timer := time.AfterFunc(2*time.Second, func() { c.Close() })
+	errno, err := c.writeAt(off, b, cmdFlagFUA)
+	timer.Stop()
 	if err == nil && errno != 0 {
 		err = fmt.Errorf("write errno %d", errno)
 	}
@@ -356,36 +366,109 @@ func (w *writer) verify(t *testing.T) {
 	}
 }
 
-// checker probes both nodes until stopped and fails the test if it ever
-// finds two writable Primaries at once.
-func (l *lab) checker(a, b *labNode) (stop func() int) {
-	quit := make(chan struct{})
-	done := make(chan struct{})
-	var probes atomic.Int64
-	var bad atomic.Value
+// The checker: every node's event stream (mirrord events) gives the
+// instants its volume became and stopped being writable (Primary and not
+// fenced). All processes share the host's clock, so the intervals of the
+// two nodes can be compared: they must never overlap. A stream that ends
+// (the process died) closes its interval when the end is seen, which only
+// widens it.
+type writableLog struct {
+	mu        sync.Mutex
+	intervals map[string][][2]time.Time
+	open      map[string]time.Time
+	wg        sync.WaitGroup
+}
+
+func (w *writableLog) watch(n *labNode, done <-chan struct{}) {
+	cmd := exec.Command(mirrordBin, "events", "--control", n.ctl)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return
+	}
+	if err := cmd.Start(); err != nil {
+		return
+	}
+	w.wg.Add(1)
 	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-quit:
-				return
-			default:
+		defer w.wg.Done()
+		go func() { <-done; _ = cmd.Process.Kill() }()
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			var e struct {
+				Time   time.Time `json:"time"`
+				Status *struct {
+					Role  string `json:"role"`
+					Fence string `json:"fence"`
+				} `json:"status"`
 			}
-			wa, wb := a.writable(), b.writable()
-			probes.Add(1)
-			if wa && wb {
-				bad.Store(fmt.Sprintf("two writable Primaries at %s", time.Now().Format(time.RFC3339Nano)))
+			if json.Unmarshal(sc.Bytes(), &e) != nil || e.Status == nil {
+				continue // a failover decision, not a volume state
 			}
-			time.Sleep(20 * time.Millisecond)
+			w.set(n.name, e.Status.Role == "Primary" && e.Status.Fence == "", e.Time)
 		}
+		_ = cmd.Wait()
+		w.set(n.name, false, time.Now())
 	}()
-	return func() int {
-		close(quit)
-		<-done
-		if s, ok := bad.Load().(string); ok {
-			l.t.Fatal(s)
+}
+
+func (w *writableLog) set(node string, writable bool, at time.Time) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	start, open := w.open[node]
+	switch {
+	case writable && !open:
+		w.open[node] = at
+	case !writable && open:
+		w.intervals[node] = append(w.intervals[node], [2]time.Time{start, at})
+		delete(w.open, node)
+	}
+}
+
+// overlaps returns every instant both a and b were writable.
+func (w *writableLog) overlaps(now time.Time) []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	all := map[string][][2]time.Time{}
+	for n, iv := range w.intervals {
+		all[n] = append(all[n], iv...)
+	}
+	for n, s := range w.open {
+		all[n] = append(all[n], [2]time.Time{s, now})
+	}
+	var bad []string
+	for _, x := range all["a"] {
+		for _, y := range all["b"] {
+			if x[0].Before(y[1]) && y[0].Before(x[1]) {
+				bad = append(bad, fmt.Sprintf("a writable %s..%s, b writable %s..%s",
+					x[0].Format(time.RFC3339Nano), x[1].Format(time.RFC3339Nano), y[0].Format(time.RFC3339Nano), y[1].Format(time.RFC3339Nano)))
+			}
 		}
-		return int(probes.Load())
+	}
+	return bad
+}
+
+// checker starts the writable log (every node start from now on is
+// watched) and returns a function that stops it and fails the test on
+// any instant with two writable Primaries; it returns the number of
+// writable intervals seen.
+func (l *lab) checker(a, b *labNode) (stop func() int) {
+	l.wlog = &writableLog{intervals: map[string][][2]time.Time{}, open: map[string]time.Time{}}
+	for _, n := range []*labNode{a, b} {
+		l.wlog.watch(n, n.done)
+	}
+	return func() int {
+		// Let the streams deliver what happened up to now.
+		time.Sleep(200 * time.Millisecond) // event delivery lag, not a condition
+		bad := l.wlog.overlaps(time.Now())
+		w := l.wlog
+		l.wlog = nil
+		if len(bad) > 0 {
+			l.t.Fatalf("two writable Primaries: %s", strings.Join(bad, "; "))
+		}
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return len(w.intervals["a"]) + len(w.intervals["b"]) + len(w.open)
 	}
 }
 
@@ -434,6 +517,7 @@ func TestFailoverKillPrimaryNetns(t *testing.T) {
 	a, b := l.up("")
 	stop := l.checker(a, b)
 	w := &writer{l: l, acked: map[uint64][]byte{}}
+	arp := l.watchARP()
 	waitFor(t, 30*time.Second, "first write through the floating IP", func() bool { return w.write() == nil })
 	for range 200 {
 		if err := w.write(); err != nil {
@@ -453,6 +537,10 @@ func TestFailoverKillPrimaryNetns(t *testing.T) {
 		}
 	}
 	w.verify(t)
+	macB := l.mac("b")
+	waitFor(t, 10*time.Second, "gratuitous ARP for the floating IP from b, seen in the client namespace", func() bool {
+		return arp.saw(labFloating, macB)
+	})
 
 	// The old Primary returns: Secondary, resynced from b.
 	l.start(a)
@@ -468,18 +556,7 @@ func TestFailoverKillPrimaryNetns(t *testing.T) {
 		}
 	}
 	w.verify(t)
-	if w.c != nil {
-		w.c.Close()
-	}
+	closeWriter(w)
 	stop()
-	// Quiesce and compare the replicas.
-	for _, n := range []*labNode{a, b} {
-		if err := n.cmd.Process.Signal(unix.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		<-n.done
-	}
-	if sa, sb := sumFile(t, filepath.Join(a.dir, "vol.img")), sumFile(t, filepath.Join(b.dir, "vol.img")); sa != sb {
-		t.Fatalf("replicas differ after failover and resync: a %s b %s", sa, sb)
-	}
+	l.compareReplicas(a, b)
 }

@@ -156,7 +156,9 @@ type Agent struct {
 	seq       uint64
 	lastBeat  time.Time
 	filters   map[string]*replayFilter
-	handed    uint64 // epoch of the last Handover stepped
+	// handed is 1 + the epoch of the last Handover stepped (0: none), so
+	// that the copies of one handover are stepped once.
+	handed uint64
 	voting    bool
 	nextVote  *failover.RequestVote
 	lastLocal failover.LocalState
@@ -446,10 +448,10 @@ func (a *Agent) received(in inMsg) {
 	case KindBeacon:
 		a.handle(failover.Heartbeat{Path: in.path, Now: in.at, Beacon: m.Beacon})
 	case KindPeerPromote:
-		if m.Epoch <= a.handed && a.handed != 0 {
+		if m.Epoch+1 <= a.handed {
 			return // another copy of a handover already stepped
 		}
-		a.handed = m.Epoch
+		a.handed = m.Epoch + 1
 		a.handle(failover.Handover{From: m.Node, Epoch: m.Epoch})
 	}
 }
