@@ -133,7 +133,7 @@ func TestFailoverPartitionsNetns(t *testing.T) {
 		{"primary cut from witness", func(p, _ *labNode) { l.cut(p.name, []string{"w"}, false) }},
 		{"target cut from witness", func(_, s *labNode) { l.cut(s.name, []string{"w"}, false) }},
 	}
-	n := soakIterations(t, 6)
+	n := soakIterations(t, 20)
 	failovers := 0
 	for i := range n {
 		primary, ok := l.settled(a, b)
@@ -149,6 +149,11 @@ func TestFailoverPartitionsNetns(t *testing.T) {
 			k = kinds[i] // every kind at least once
 		}
 		hold := time.Duration(1000+rng.IntN(3000)) * time.Millisecond
+		if k.name == "primary isolated" {
+			// Long enough for the target to take over (2 s detection,
+			// the dead lease, the vote): the failover is then asserted.
+			hold = time.Duration(3500+rng.IntN(1500)) * time.Millisecond
+		}
 		t.Logf("partition %d: %s (primary %s) for %v", i, k.name, primary.name, hold)
 		k.do(primary, target)
 		time.Sleep(hold) // the partition's length is the experiment, not a wait for a condition
@@ -163,10 +168,14 @@ func TestFailoverPartitionsNetns(t *testing.T) {
 		if now != primary {
 			failovers++
 		}
+		if k.name == "primary isolated" && now == primary {
+			out, _ := target.admin("status")
+			t.Fatalf("partition %d: the isolated primary %s is still Primary after %v; %s says:\n%s", i, primary.name, hold, target.name, out)
+		}
 	}
 	acked, failed := stopLoad()
 	probes := stopCheck()
-	t.Logf("%d partitions, %d failovers, %d writes acknowledged, %d failed or held, %d probes", n, failovers, acked, failed, probes)
+	t.Logf("%d partitions, %d failovers, %d writes acknowledged, %d failed or held, %d writable intervals checked", n, failovers, acked, failed, probes)
 	if acked == 0 {
 		t.Fatal("no write was acknowledged under the partitions")
 	}
@@ -249,8 +258,8 @@ func TestFailoverLossyPathNoFalseFailoverNetns(t *testing.T) {
 		d = 2 * time.Minute
 	}
 	l.nft("a", fmt.Sprintf(`table inet %s {
- chain in { type filter hook input priority 0; policy accept; udp dport 7790 numgen random mod 10 < 3 drop; }
- chain out { type filter hook output priority 0; policy accept; udp dport 7790 numgen random mod 10 < 3 drop; }
+ chain in { type filter hook input priority 0; policy accept; udp dport 7790 numgen random mod 10 < 3 counter drop; }
+ chain out { type filter hook output priority 0; policy accept; udp dport 7790 numgen random mod 10 < 3 counter drop; }
 }
 `, l.nftTable()))
 	epoch := func(n *labNode) uint64 {
@@ -271,6 +280,18 @@ func TestFailoverLossyPathNoFalseFailoverNetns(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // sampling the steady state, not waiting for a change
 	}
+	rules, _ := l.exec("a", "nft", "list", "table", "inet", l.nftTable())
+	dropped := 0
+	for _, f := range strings.Split(rules, "packets ")[1:] {
+		var n int
+		fmt.Sscan(f, &n)
+		dropped += n
+	}
+	// 2 heartbeats a second each way, 30% dropped.
+	if min := int(d.Seconds()) / 2; dropped < min {
+		t.Fatalf("only %d heartbeats dropped in %v: the lossy path was not lossy\n%s", dropped, d, rules)
+	}
+	t.Logf("%d UDP heartbeats dropped in %v, no failover", dropped, d)
 	l.heal("a")
 	if e := epoch(a); e != e0 {
 		t.Fatalf("epoch moved %d -> %d: a failover happened", e0, e)

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/pflag"
+
 	"github.com/mirrord/mirrord/failover"
 	"github.com/mirrord/mirrord/failover/agent"
 )
@@ -63,6 +65,13 @@ func (c *controlServer) failoverCommand(w http.ResponseWriter, what string, ev f
 		writeJSON(w, http.StatusConflict, map[string]string{"error": errNoFailover.Error()})
 		return
 	}
+	switch ev.(type) {
+	case failover.Confirm, failover.Deny:
+		if c.agent.Status().Intent == nil {
+			writeJSON(w, http.StatusConflict, map[string]string{"error": "nothing to " + what + ": the failover agent has announced no intent"})
+			return
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	ds, err := c.agent.Do(ctx, ev)
@@ -77,6 +86,11 @@ func (c *controlServer) failoverCommand(w http.ResponseWriter, what string, ev f
 		reply.Decisions = append(reply.Decisions, decisionJSON(d))
 		causes = append(causes, d.Cause)
 		acted = acted || d.Acted
+	}
+	switch ev.(type) {
+	case failover.Deny, failover.SetMaintenance:
+		// A withdrawn intent, or maintenance already as asked: done.
+		acted = true
 	}
 	if !acted {
 		msg := strings.Join(causes, "; ")
@@ -97,6 +111,9 @@ func cmdFailover(verb string, args []string, stdout io.Writer) error {
 	var a adminFlags
 	a.register(fs)
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return err
+		}
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	path := "/" + verb

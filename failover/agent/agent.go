@@ -153,12 +153,12 @@ type Agent struct {
 	wg      sync.WaitGroup
 
 	// Loop-owned.
-	seq       uint64
-	lastBeat  time.Time
-	filters   map[string]*replayFilter
+	seq      uint64
+	lastBeat time.Time
+	filters  map[string]*replayFilter
 	// handed is 1 + the epoch of the last Handover stepped (0: none), so
 	// that the copies of one handover are stepped once.
-	handed uint64
+	handed    uint64
 	voting    bool
 	nextVote  *failover.RequestVote
 	lastLocal failover.LocalState
