@@ -210,17 +210,10 @@ func (c *Config) validateFailover(bad func(key, format string, a ...any)) {
 		}
 	}
 	mc := c.machineConfig(bad)
-	if err := mc.Validate(); err != nil {
-		var key string
-		switch {
-		case strings.Contains(err.Error(), "MissCount"), strings.Contains(err.Error(), "SafetyMargin"):
-			key = "failover.miss-count"
-		case strings.Contains(err.Error(), "Failback"):
-			key = "failover.failback-window"
-		default:
-			key = "failover"
-		}
-		bad(key, "%v", err)
+	// New fills the derived timers (ticks, margins) and validates.
+	if _, err := failover.New(mc, failover.HardState{}, time.Time{}); err != nil {
+		// The machine's error names its field (MissCount, Failback, ...).
+		bad("failover", "%v", err)
 	}
 }
 
