@@ -1,12 +1,14 @@
 package tests
 
 import (
+	"bytes"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -133,12 +135,23 @@ failover:
 		t.Fatalf("confirm with nothing pending: %v\n%s", err, out)
 	}
 
-	// Site loss without a witness: an intent, confirmed by the operator.
+	// Site loss without a witness: an intent, confirmed by the operator;
+	// the decisions appear in b's event stream.
+	ev := exec.Command(mirrordBin, "events", "--control", b.ctl)
+	var evOut lockedBuffer
+	ev.Stdout = &evOut
+	if err := ev.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ev.Process.Kill(); _ = ev.Wait() }()
 	_ = a.cmd.Process.Signal(unix.SIGKILL)
 	<-a.done
 	waitFor(t, 30*time.Second, "b announcing its intent to promote", intent(b))
 	mustAdmin(b, "confirm")
 	waitFor(t, 30*time.Second, "b serving after confirm", b.writable)
+	for _, want := range []string{`"type":"failover"`, `"kind":"intent"`, `"kind":"promote"`, "operator confirmed"} {
+		waitFor(t, 10*time.Second, "mirrord events showing "+want, func() bool { return strings.Contains(evOut.String(), want) })
+	}
 
 	// a returns as b's Secondary; then b dies: deny, the panic button.
 	start(a)
@@ -171,4 +184,22 @@ failover:
 	if !strings.Contains(string(events), `"kind": "force"`) {
 		t.Fatalf("status --json lacks the forced decision:\n%s", events)
 	}
+}
+
+// lockedBuffer is a bytes.Buffer a process writes while the test reads.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

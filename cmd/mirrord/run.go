@@ -160,6 +160,12 @@ func run(c *Config, log zerolog.Logger) error {
 	if err := srv.Shutdown(ctx); err != nil {
 		runErr = errors.Join(runErr, err)
 	}
+	if fo != nil {
+		// The agent stops before the volume it drives.
+		if err := fo.Close(); err != nil {
+			runErr = errors.Join(runErr, err)
+		}
+	}
 	if err := vol.Close(); err != nil {
 		runErr = errors.Join(runErr, err)
 	}
