@@ -129,38 +129,11 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 	for i := range f.UDP {
 		mc.Paths = append(mc.Paths, udpPathName(i))
 	}
-	switch f.Mode {
-	case "auto":
-		mc.Mode = failover.ModeAuto
-	case "confirm":
-		mc.Mode = failover.ModeConfirm
-	case "maintenance":
-		mc.Mode = failover.ModeMaintenance
-	default:
-		bad("failover.mode", "must be auto, confirm or maintenance (got %q)", f.Mode)
-	}
-	switch f.Fencing {
-	case "suspend":
-		mc.Fencing = failover.FenceSuspend
-	case "error":
-		mc.Fencing = failover.FenceError
-	default:
-		bad("failover.fencing", "must be suspend or error (got %q)", f.Fencing)
-	}
-	switch f.ConfirmDefault {
-	case "proceed":
-		mc.DefaultConfirmAction = failover.Proceed
-	case "abandon":
-		mc.DefaultConfirmAction = failover.Abandon
-	default:
-		bad("failover.confirm-default", "must be proceed or abandon (got %q)", f.ConfirmDefault)
-	}
-	switch f.Failback {
-	case "never":
-	case "immediate":
-		mc.Failback.Policy = failover.FailbackImmediate
-	case "window":
-		mc.Failback.Policy = failover.FailbackWindow
+	mc.Mode = choose(bad, "failover.mode", f.Mode, failover.ModeAuto, failover.ModeConfirm, failover.ModeMaintenance)
+	mc.Fencing = choose(bad, "failover.fencing", f.Fencing, failover.FenceSuspend, failover.FenceError)
+	mc.DefaultConfirmAction = choose(bad, "failover.confirm-default", f.ConfirmDefault, failover.Proceed, failover.Abandon)
+	mc.Failback.Policy = choose(bad, "failover.failback", f.Failback, failover.FailbackNever, failover.FailbackImmediate, failover.FailbackWindow)
+	if mc.Failback.Policy == failover.FailbackWindow {
 		from, to, ok := strings.Cut(f.FailbackWindow, "-")
 		s, err1 := strconv.Atoi(from)
 		e, err2 := strconv.Atoi(to)
@@ -168,13 +141,25 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 			bad("failover.failback-window", "want START-END hours, e.g. 22-06 (got %q)", f.FailbackWindow)
 		}
 		mc.Failback.StartHour, mc.Failback.EndHour = s, e
-	default:
-		bad("failover.failback", "must be never, immediate or window (got %q)", f.Failback)
 	}
 	mc.MaxAsyncLagBytes, mc.MaxAsyncLagTime = int64(f.MaxAsyncLag), f.MaxAsyncLagTime
 	mc.SwitchoverTimeout, mc.ConfirmTimeout = f.SwitchoverTimeout, f.ConfirmTimeout
 	mc.Witness = f.Witness != "" || len(f.EtcdEndpoints) > 0
 	return mc
+}
+
+// choose returns the option whose name (String) is val; otherwise it
+// reports key and returns the first option.
+func choose[T fmt.Stringer](bad func(key, format string, a ...any), key, val string, options ...T) T {
+	names := make([]string, len(options))
+	for i, o := range options {
+		if o.String() == val {
+			return o
+		}
+		names[i] = o.String()
+	}
+	bad(key, "must be %s or %s (got %q)", strings.Join(names[:len(names)-1], ", "), names[len(names)-1], val)
+	return options[0]
 }
 
 func udpPathName(i int) string {
