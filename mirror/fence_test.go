@@ -111,3 +111,30 @@ func TestHoldOnDisconnectAndFencedPromotion(t *testing.T) {
 		t.Fatal("write made without the peer is not marked out of sync")
 	}
 }
+
+func TestBeaconOverTheReplicationLink(t *testing.T) {
+	got := make(chan []byte, 16)
+	a, b, _ := newPair(t, pairOpts{mode: ModeSync, beaconB: func(p []byte) {
+		select { // OnBeacon must never block the session
+		case got <- append([]byte(nil), p...):
+		default:
+		}
+	}})
+	if err := a.v.SendBeacon([]byte("x")); err != nil && !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("beacon before the session: %v", err)
+	}
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.SendBeacon([]byte("hello agent")); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case p := <-got:
+			if string(p) == "hello agent" {
+				return
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("beacon never arrived")
+		}
+	}
+}

@@ -62,6 +62,8 @@ type pairOpts struct {
 	// fenceA opens node a as a failover agent would
 	// (FencePromotions, HoldOnDisconnect).
 	fenceA bool
+	// beaconB receives node b's FrameBeacon payloads.
+	beaconB func([]byte)
 }
 
 type node struct {
@@ -93,6 +95,9 @@ func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
 		n := &node{dir: dir, opts: Options{Name: vol, Node: name, Size: size, MetaPath: filepath.Join(dir, "disk.meta"), Peer: &pc, Log: log}}
 		n.opts.FencePromotions = po.fenceA && name == "a"
 		n.opts.HoldOnDisconnect = n.opts.FencePromotions
+		if name == "b" {
+			n.opts.OnBeacon = po.beaconB
+		}
 		n.reopen(t)
 		return n
 	}
