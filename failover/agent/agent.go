@@ -149,7 +149,6 @@ type Agent struct {
 	results chan failover.ActionResult
 	work    chan job
 	quit    chan struct{}
-	done    chan struct{}
 	wg      sync.WaitGroup
 
 	// Loop-owned.
@@ -173,7 +172,6 @@ type Agent struct {
 type inMsg struct {
 	path string
 	msg  Message
-	at   time.Time
 }
 
 type command struct {
@@ -232,7 +230,7 @@ func New(cfg Config, vol Volume, paths []Path) (*Agent, error) {
 		log: cfg.Log.With().Str("component", "failover").Logger(), m: m, boot: randomBoot(),
 		inbox: make(chan inMsg, 64), cmds: make(chan command), votes: make(chan voteReply, 1),
 		results: make(chan failover.ActionResult, 16), work: make(chan job, 64),
-		quit: make(chan struct{}), done: make(chan struct{}),
+		quit:    make(chan struct{}),
 		filters: map[string]*replayFilter{}, subs: map[chan failover.Decision]struct{}{},
 	}
 	for _, p := range paths {
@@ -294,7 +292,7 @@ func (a *Agent) Receive(path string, b []byte) {
 		return
 	}
 	select {
-	case a.inbox <- inMsg{path: path, msg: m, at: a.clock.Now()}:
+	case a.inbox <- inMsg{path: path, msg: m}:
 	default:
 	}
 }
@@ -383,7 +381,6 @@ func (a *Agent) Subscribe() (<-chan failover.Decision, func()) {
 
 func (a *Agent) loop() {
 	defer a.wg.Done()
-	defer close(a.done)
 	events, cancel := a.vol.Subscribe()
 	defer cancel()
 	tick := a.clock.NewTicker(a.cfg.Machine.TickInterval)
@@ -440,13 +437,16 @@ func (a *Agent) received(in inMsg) {
 	if f == nil {
 		return
 	}
-	if err := f.accept(m.Boot, m.Seq, in.at); err != nil {
+	// Stamped now, not when it arrived: every event reaches the machine
+	// in the order of one clock.
+	now := a.clock.Now()
+	if err := f.accept(m.Boot, m.Seq, now); err != nil {
 		a.log.Debug().Err(err).Str("path", in.path).Msg("dropped a message")
 		return
 	}
 	switch m.Kind {
 	case KindBeacon:
-		a.handle(failover.Heartbeat{Path: in.path, Now: in.at, Beacon: m.Beacon})
+		a.handle(failover.Heartbeat{Path: in.path, Now: now, Beacon: m.Beacon})
 	case KindPeerPromote:
 		if m.Epoch+1 <= a.handed {
 			return // another copy of a handover already stepped
