@@ -1,6 +1,7 @@
 package mirror
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -204,4 +205,19 @@ func (v *Volume) SendBeacon(p []byte) error {
 		return ErrNotConnected
 	}
 	return nil
+}
+
+// DropSession ends the current replication session, if any, and lets the
+// link reconnect as usual. The failover agent calls it before promoting a
+// node whose peer it has declared lost on every path: a session that has
+// not timed out yet would otherwise veto the promotion (the peer still
+// looks Primary) and stall the new Primary's writes until it does.
+func (v *Volume) DropSession(reason string) {
+	if v.link == nil {
+		return
+	}
+	if s := v.link.current(); s != nil {
+		s.fail(errors.New(reason))
+		<-s.done
+	}
 }

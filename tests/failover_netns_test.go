@@ -207,6 +207,7 @@ type labStatus struct {
 		Connection  string `json:"connection"`
 		Replication string `json:"replication"`
 		PeerDisk    string `json:"peer_disk"`
+		ResyncBytes uint64 `json:"resync_bytes"`
 	} `json:"peer"`
 	Failover *struct {
 		Epoch  uint64 `json:"epoch"`
@@ -550,6 +551,13 @@ func TestFailoverKillPrimaryNetns(t *testing.T) {
 		return e1 == nil && e2 == nil && sa.Role == "Secondary" && sa.Disk == "UpToDate" &&
 			sb.Peer != nil && sb.Peer.Replication == "Established" && sb.Peer.PeerDisk == "UpToDate"
 	})
+	// Partial: only what b wrote without a (within the writer's 16 MiB
+	// of a 64 MiB volume), not a full copy.
+	if sb, err := b.status(); err != nil || sb.Peer.ResyncBytes == 0 || sb.Peer.ResyncBytes > writerSpan {
+		t.Fatalf("resync to the returning a: %d bytes (%v), want some and at most %d", sb.Peer.ResyncBytes, err, writerSpan)
+	} else {
+		t.Logf("a resynced %d bytes on its return", sb.Peer.ResyncBytes)
+	}
 	for range 50 {
 		if err := w.write(); err != nil {
 			t.Fatalf("write after a's return: %v", err)

@@ -68,6 +68,8 @@ type Volume interface {
 	ArmWatchdog(d time.Duration, mode mirror.FenceMode)
 	DisarmWatchdog()
 	Subscribe() (<-chan mirror.Event, func())
+	// DropSession ends the replication session (the link reconnects).
+	DropSession(reason string)
 }
 
 var _ Volume = (*mirror.Volume)(nil)
@@ -345,6 +347,9 @@ func (a *Agent) Resources(ctx context.Context, start bool) error {
 type job struct {
 	act  failover.Action
 	done chan error
+	// peerLost: a Promote taking over a peer lost on every path, whose
+	// replication session may not have timed out yet.
+	peerLost bool
 }
 
 // Report is the agent's state for status displays.
@@ -577,8 +582,12 @@ func (a *Agent) step(ev failover.Event) []failover.Decision {
 		case failover.WithdrawIntent:
 			a.log.Info().Str("reason", act.Reason).Msg("failover intent withdrawn")
 		default:
+			j := job{act: act}
+			if _, ok := act.(failover.Promote); ok {
+				j.peerLost = !a.m.Status().Peer.LostAt.IsZero()
+			}
 			select {
-			case a.work <- job{act: act}:
+			case a.work <- j:
 			default:
 				a.log.Error().Type("action", act).Msg("action queue full: action dropped")
 				if id := actionID(act); id != 0 {
@@ -598,8 +607,17 @@ func (a *Agent) result(id failover.ActionID, err error) {
 }
 
 // handle steps ev, then the results of the actions it caused that were
-// carried out on the spot.
+// carried out on the spot. An event that carries no time (the volume's
+// state, a result, a command) is preceded by a Tick: the machine then
+// judges it at the present, never at its last tick, so it cannot, say,
+// unfence a volume whose watchdog has just fired on a lease that ran out
+// since.
 func (a *Agent) handle(ev failover.Event) []failover.Decision {
+	switch ev.(type) {
+	case failover.Tick, failover.Heartbeat, failover.WitnessVote:
+	default:
+		a.step(failover.Tick{Now: a.clock.Now()})
+	}
 	d := a.step(ev)
 	for len(a.pending) > 0 {
 		r := a.pending[0]
@@ -664,7 +682,7 @@ func (a *Agent) worker() {
 		case <-a.quit:
 			return
 		case j := <-a.work:
-			id, err := a.carryOut(j.act)
+			id, err := a.carryOut(j)
 			if j.done != nil {
 				j.done <- err
 			}
@@ -679,9 +697,12 @@ func (a *Agent) worker() {
 	}
 }
 
-func (a *Agent) carryOut(act failover.Action) (failover.ActionID, error) {
-	switch act := act.(type) {
+func (a *Agent) carryOut(j job) (failover.ActionID, error) {
+	switch act := j.act.(type) {
 	case failover.Promote:
+		if j.peerLost {
+			a.vol.DropSession("failover: the peer is lost on every heartbeat path")
+		}
 		err := a.vol.Promote(mirror.PromoteOptions{Force: act.Force})
 		if err == nil {
 			// The machine counts a promoted node as serving; a volume

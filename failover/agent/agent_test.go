@@ -108,6 +108,12 @@ func (v *fakeVolume) ArmWatchdog(d time.Duration, m mirror.FenceMode) {
 	v.mu.Unlock()
 }
 func (v *fakeVolume) DisarmWatchdog() { v.mu.Lock(); v.dogArmed = false; v.mu.Unlock() }
+func (v *fakeVolume) DropSession(string) {
+	v.mu.Lock()
+	v.calls = append(v.calls, "drop-session")
+	v.connected, v.peerDisk = false, mirror.DiskDUnknown
+	v.mu.Unlock()
+}
 func (v *fakeVolume) Subscribe() (<-chan mirror.Event, func()) {
 	return make(chan mirror.Event), func() {}
 }
@@ -266,7 +272,7 @@ func (c *cluster) drain(n *testNode) {
 			a.received(in)
 			continue
 		case j := <-a.work:
-			id, err := a.carryOut(j.act)
+			id, err := a.carryOut(j)
 			if id != 0 {
 				a.handle(failover.ActionResult{ID: id, Err: err})
 			}
@@ -485,5 +491,26 @@ func TestEpochFile(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(filepath.Dir(path)); len(entries) != 1 {
 		t.Fatalf("temporary files left behind: %v", entries)
+	}
+}
+
+// The volume's watchdog fires on a lease that ran out between two ticks;
+// the agent, learning the volume is fenced, must not unfence it on the
+// strength of its last tick's evidence.
+func TestAgentNeverUnfencesPastTheLease(t *testing.T) {
+	c := newCluster(t)
+	a, _ := c.up()
+	c.cutLink, a.cutWitness = true, true
+	for a.a.Status().ServeUntil.After(c.clock.Now().Add(c.tick)) {
+		c.run(c.tick, nil)
+	}
+	// Between ticks, past the lease: the watchdog fences the volume.
+	until := a.a.Status().ServeUntil
+	c.clock.advance(until.Sub(c.clock.Now()) + time.Millisecond)
+	a.vol.Fence(mirror.FenceHold, "watchdog")
+	a.a.refreshLocal()
+	c.drain(a)
+	if a.vol.writable() {
+		t.Fatalf("the agent unfenced a volume whose lease ran out at %v (now %v)", until, c.clock.Now())
 	}
 }
