@@ -92,7 +92,9 @@ func (w *writer) load() (stop func() (acked, failed int)) {
 	}
 }
 
-// settled: exactly one node serves, the other is its in-sync Secondary.
+// settled: exactly one node serves, the other is its in-sync Secondary,
+// and the Secondary's agent has heard it so (same epoch): only from then
+// on may the Secondary take over.
 func (l *lab) settled(a, b *labNode) (primary *labNode, ok bool) {
 	sa, e1 := a.status()
 	sb, e2 := b.status()
@@ -104,7 +106,9 @@ func (l *lab) settled(a, b *labNode) (primary *labNode, ok bool) {
 		ps, ss labStatus
 	}{{a, sa, sb}, {b, sb, sa}} {
 		if p.ps.Role == "Primary" && p.ps.Fence == "" && p.ss.Role == "Secondary" && p.ss.Disk == "UpToDate" &&
-			p.ps.Peer.Replication == "Established" && p.ps.Peer.PeerDisk == "UpToDate" {
+			p.ps.Peer.Replication == "Established" && p.ps.Peer.PeerDisk == "UpToDate" &&
+			p.ss.Failover != nil && p.ps.Failover != nil && p.ss.Failover.Peer.Role == "Primary" &&
+			p.ss.Failover.Peer.InSync && p.ss.Failover.Epoch == p.ps.Failover.Epoch {
 			return p.n, true
 		}
 	}
@@ -138,7 +142,10 @@ func TestFailoverPartitionsNetns(t *testing.T) {
 	for i := range n {
 		primary, ok := l.settled(a, b)
 		if !ok {
-			t.Fatalf("partition %d: pair not settled", i)
+			sa, _ := a.status()
+			sb, _ := b.status()
+			t.Logf("partition %d: pair not settled at the start: a %+v %+v, b %+v %+v", i, sa.Peer, sa.Failover, sb.Peer, sb.Failover)
+			waitFor(t, 30*time.Second, "pair settled", func() bool { primary, ok = l.settled(a, b); return ok })
 		}
 		target := b
 		if primary == b {
