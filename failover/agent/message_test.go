@@ -99,7 +99,7 @@ func TestReplayFilter(t *testing.T) {
 	}
 }
 
-func FuzzDecode(f *testing.F) {
+func FuzzMessageWire(f *testing.F) {
 	b, _ := Encode(nil, sampleMessage(), testKey)
 	f.Add(b)
 	p := sampleMessage()
@@ -120,9 +120,9 @@ func FuzzDecode(f *testing.F) {
 	})
 }
 
-// FuzzDecodeUnkeyed fuzzes the structure checks behind the MAC: the
+// FuzzMessageBody fuzzes the structure checks behind the MAC: the
 // fuzzer cannot forge a MAC, so this target signs its input first.
-func FuzzDecodeUnkeyed(f *testing.F) {
+func FuzzMessageBody(f *testing.F) {
 	b, _ := Encode(nil, sampleMessage(), testKey)
 	f.Add(b[:len(b)-macSize])
 	f.Fuzz(func(t *testing.T, body []byte) {
