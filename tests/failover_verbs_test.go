@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,7 +33,9 @@ func freeUDPAddr(t *testing.T) string {
 // its intent and `mirrord confirm` promotes it; after the next kill
 // `mirrord deny` withdraws the intent, `mirrord promote --force` refuses
 // and says what may be lost, and `--i-accept-data-loss` promotes.
-func TestFailoverOperatorVerbs(t *testing.T) {
+// loopPair configures two nodes on loopback, a and b, with failoverYAML
+// as the body of their failover section; start runs one.
+func loopPair(t *testing.T, failoverYAML string) (l *lab, a, b *labNode, start func(*labNode)) {
 	dir := shortTempDir(t)
 	secret := filepath.Join(dir, "secret")
 	if err := os.WriteFile(secret, []byte("verbs-secret-0123456789\n"), 0o600); err != nil {
@@ -41,7 +44,7 @@ func TestFailoverOperatorVerbs(t *testing.T) {
 	repl := map[string]string{"a": freeTCPAddr(t), "b": freeTCPAddr(t)}
 	udp := map[string]string{"a": freeUDPAddr(t), "b": freeUDPAddr(t)}
 	nbd := map[string]string{"a": freeTCPAddr(t), "b": freeTCPAddr(t)}
-	l := &lab{t: t, dir: dir, nodes: map[string]*labNode{}}
+	l = &lab{t: t, dir: dir, nodes: map[string]*labNode{}}
 	mk := func(name, peer string) *labNode {
 		d := filepath.Join(dir, name)
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -56,17 +59,16 @@ control: {socket: %s}
 log: {level: info, format: json}
 failover:
   enabled: true
-  mode: confirm
   udp: ["%s->%s"]
-`, name, d, nbd[name], peer, repl[peer], repl[name], secret, n.ctl, udp[name], udp[peer])
+%s`, name, d, nbd[name], peer, repl[peer], repl[name], secret, n.ctl, udp[name], udp[peer], failoverYAML)
 		if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		l.nodes[name] = n
 		return n
 	}
-	a, b := mk("a", "b"), mk("b", "a")
-	start := func(n *labNode) {
+	a, b = mk("a", "b"), mk("b", "a")
+	start = func(n *labNode) {
 		t.Helper()
 		n.starts++
 		n.log = filepath.Join(n.dir, fmt.Sprintf("mirrord.%d.log", n.starts))
@@ -95,6 +97,11 @@ failover:
 		})
 		waitFor(t, startTimeout, n.name+" control socket", func() bool { _, err := n.status(); return err == nil })
 	}
+	return l, a, b, start
+}
+
+func TestFailoverOperatorVerbs(t *testing.T) {
+	l, a, b, start := loopPair(t, "  mode: confirm\n")
 	mustAdmin := func(n *labNode, args ...string) string {
 		t.Helper()
 		out, err := n.admin(args...)
@@ -202,4 +209,65 @@ func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// startEtcd runs a single-member etcd on loopback (Debian's etcd-server)
+// and returns its client URL.
+func startEtcd(t *testing.T) string {
+	t.Helper()
+	requireTools(t, "etcd")
+	dir := t.TempDir()
+	client := "http://" + freeTCPAddr(t)
+	peer := "http://" + freeTCPAddr(t)
+	cmd := exec.Command("etcd", "--name", "t", "--data-dir", filepath.Join(dir, "data"),
+		"--listen-client-urls", client, "--advertise-client-urls", client,
+		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t="+peer,
+		"--heartbeat-interval", "50", "--election-timeout", "500", "--log-level", "error", "--logger", "zap")
+	logf, err := os.Create(filepath.Join(dir, "etcd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-done })
+	waitFor(t, 20*time.Second, "etcd healthy", func() bool {
+		resp, err := http.Get(client + "/health")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return client
+}
+
+// An etcd lease as the third vote: kill -9 of the Primary, the target
+// takes over on its own.
+func TestFailoverEtcdLease(t *testing.T) {
+	url := startEtcd(t)
+	l, a, b, start := loopPair(t, fmt.Sprintf("  etcd-endpoints: [%q]\n", url))
+	start(a)
+	start(b)
+	waitFor(t, 30*time.Second, "a and b in sync", func() bool {
+		sa, e1 := a.status()
+		sb, e2 := b.status()
+		return e1 == nil && e2 == nil && sa.Peer != nil && sa.Peer.Replication == "Established" && sb.Disk == "UpToDate"
+	})
+	if out, err := a.admin("promote"); err != nil {
+		t.Fatalf("promote a: %v\n%s", err, out)
+	}
+	waitFor(t, 30*time.Second, "a serving (etcd grants it the vote)", a.writable)
+	l.heardPrimary(b, a)
+	_ = a.cmd.Process.Signal(unix.SIGKILL)
+	<-a.done
+	waitFor(t, 30*time.Second, "b serving after a's kill -9", b.writable)
+	out, err := b.admin("status")
+	if err != nil || !strings.Contains(out, "holder:b granted:true") {
+		t.Fatalf("b's quorum after the failover: %v\n%s", err, out)
+	}
 }
