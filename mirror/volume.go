@@ -323,9 +323,10 @@ const (
 
 // LocalOnly reports that reads and writes never wait on the network: a
 // standalone volume, or an async one that does not suspend I/O while its
-// peer is away. (nbd serves such requests without a goroutine hand-off.)
+// peer is away, and no failover agent may hold its writes. (nbd serves
+// such requests without a goroutine hand-off.)
 func (v *Volume) LocalOnly() bool {
-	return v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO)
+	return !v.fencePro && (v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO))
 }
 
 // WriteAt writes p at off; with fua the data is on stable storage (on both
