@@ -411,22 +411,28 @@ func (a *Agent) loop() {
 		case c := <-a.cmds:
 			c.reply <- a.handle(c.ev)
 		case r := <-a.votes:
-			a.voting = false
-			if r.err != nil {
-				a.log.Debug().Err(r.err).Msg("witness did not answer")
-			} else {
-				r.v.Now = a.clock.Now()
-				a.handle(r.v)
-			}
-			if a.nextVote != nil {
-				rv := *a.nextVote
-				a.nextVote = nil
-				a.requestVote(rv)
-			}
+			a.voted(r)
 		case r := <-a.results:
 			a.handle(r)
 			a.refreshLocal()
 		}
+	}
+}
+
+// voted steps the witness's answer, stamped now, and sends the request
+// that waited for it.
+func (a *Agent) voted(r voteReply) {
+	a.voting = false
+	if r.err != nil {
+		a.log.Debug().Err(r.err).Msg("witness did not answer")
+	} else {
+		r.v.Now = a.clock.Now()
+		a.handle(r.v)
+	}
+	if a.nextVote != nil {
+		rv := *a.nextVote
+		a.nextVote = nil
+		a.requestVote(rv)
 	}
 }
 

@@ -281,17 +281,7 @@ func (c *cluster) drain(n *testNode) {
 		default:
 		}
 		if a.voting {
-			r := <-a.votes // the fake witness answers at once
-			a.voting = false
-			if r.err == nil {
-				r.v.Now = a.clock.Now()
-				a.handle(r.v)
-			}
-			if a.nextVote != nil {
-				rv := *a.nextVote
-				a.nextVote = nil
-				a.requestVote(rv)
-			}
+			a.voted(<-a.votes) // the fake witness answers at once
 			continue
 		}
 		return
