@@ -7,17 +7,20 @@ import (
 
 // Status is a point-in-time view of the volume, shaped like drbdadm status.
 type Status struct {
-	Volume         string `json:"volume"`
-	Node           string `json:"node"`
-	Role           string `json:"role"`
-	Disk           string `json:"disk"`
-	SizeBytes      int64  `json:"size_bytes"`
-	OutOfSyncBytes int64  `json:"out_of_sync_bytes"`
-	Generations    string `json:"generations,omitempty"`
+	Volume         string      `json:"volume"`
+	Node           string      `json:"node"`
+	Role           string      `json:"role"`
+	Disk           string      `json:"disk"`
+	SizeBytes      int64       `json:"size_bytes"`
+	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
+	Generations    string      `json:"generations,omitempty"`
+	Peer           *PeerStatus `json:"peer,omitempty"`
 	// UndoBytes is the undo log of a sync target whose last consistent
 	// image is being overwritten by a resync: promoting rolls it back.
-	UndoBytes int64       `json:"undo_bytes,omitempty"`
-	Peer      *PeerStatus `json:"peer,omitempty"`
+	UndoBytes int64 `json:"undo_bytes,omitempty"`
+	// Fence is the failover agent's write fence: suspend or error ("" when
+	// writes pass).
+	Fence string `json:"fence,omitempty"`
 }
 
 // PeerStatus describes the replication link.
@@ -71,6 +74,9 @@ func (v *Volume) Status() Status {
 	st := Status{
 		Volume: v.name, Node: v.node, Role: v.Role().String(), Disk: v.Disk().String(),
 		SizeBytes: v.size, OutOfSyncBytes: v.dirty.DirtyBytes(),
+	}
+	if m := FenceMode(v.fc.mode.Load()); m != Unfenced {
+		st.Fence = m.String()
 	}
 	if v.meta != nil {
 		st.Generations = genString(v.meta.snapshot().gen)
