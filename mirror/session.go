@@ -755,7 +755,14 @@ func (s *session) applyRemote(f wan.Frame) error {
 		s.ackApply(f.Seq, err, s.holdMode())
 		return nil
 	}
-	if f.Type == wan.FrameWrite && f.Flags&wan.FlagSync != 0 && s.r.Buffered() > 0 {
+	// Small buffered writes are applied here, their acks held for the
+	// burst: a page-cache write costs less than the goroutine start, the
+	// wake-up and the fresh receive buffer a hand-off needs (measured at
+	// 4 KiB QD32: 58 against 30 us of CPU per sync write, both daemons).
+	// FUA and large writes, with more frames waiting, run concurrently so
+	// that the next frame is read while the disk works.
+	if f.Type == wan.FrameWrite && f.Flags&wan.FlagSync != 0 && s.r.Buffered() > 0 &&
+		(f.Flags&wan.FlagFUA != 0 || len(f.Payload) > inlineApplyMax) {
 		o.p = s.r.Detach()
 		s.applying.Add(1)
 		go func() {
@@ -767,6 +774,10 @@ func (s *session) applyRemote(f wan.Frame) error {
 	s.ackApply(f.Seq, v.applyRemote(o), s.holdMode())
 	return nil
 }
+
+// inlineApplyMax is the largest sync write the receive loop applies
+// itself while more frames wait.
+const inlineApplyMax = 64 << 10
 
 // checkpointTarget persists the target's shrinking bitmap now and then,
 // so that a target crash resumes the resync instead of repeating it.
