@@ -28,27 +28,44 @@ import (
 // statusReply is GET /status.
 type statusReply struct {
 	mirror.Status
-	NBD nbd.Stats `json:"nbd"`
+	NBD    nbd.Stats     `json:"nbd"`
+	Device *deviceStatus `json:"device,omitempty"`
 }
 
 type controlServer struct {
 	vol *mirror.Volume
 	srv *nbd.Server
+	kx  *kernelExport
 	log zerolog.Logger
 }
 
 func (c *controlServer) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, statusReply{Status: c.vol.Status(), NBD: c.srv.Stats()})
+		writeJSON(w, http.StatusOK, statusReply{Status: c.vol.Status(), NBD: c.srv.Stats(), Device: c.kx.status()})
 	})
 	mux.HandleFunc("GET /events", c.events)
 	mux.HandleFunc("POST /promote", func(w http.ResponseWriter, r *http.Request) {
 		force := r.URL.Query().Get("force") == "1"
-		c.act(w, "promote", c.vol.Promote(mirror.PromoteOptions{Force: force}))
+		err := c.vol.Promote(mirror.PromoteOptions{Force: force})
+		if err == nil {
+			err = c.kx.attach()
+		}
+		c.act(w, "promote", err)
 	})
 	mux.HandleFunc("POST /demote", func(w http.ResponseWriter, r *http.Request) {
-		c.act(w, "demote", c.vol.Demote())
+		// The device goes first: a Secondary's device would fail every
+		// write, and one still mounted must keep its Primary.
+		if err := c.kx.detach(); err != nil {
+			c.act(w, "demote", err)
+			return
+		}
+		err := c.vol.Demote()
+		if err != nil {
+			// Still Primary (a standalone volume, say): expose it again.
+			err = errors.Join(err, c.kx.attach())
+		}
+		c.act(w, "demote", err)
 	})
 	mux.HandleFunc("POST /connect", func(w http.ResponseWriter, r *http.Request) {
 		c.vol.Connect()

@@ -31,6 +31,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	path := fs.String("path", "", "backing file or block device (volume.path)")
 	size := fs.String("size", "", "size when creating the backing file (volume.size)")
 	listen := fs.StringSlice("listen", nil, "unix:/path or tcp:host:port, repeatable (nbd.listen)")
+	keep := fs.Bool("keep-device", false, "on exit leave nbd.device attached for the next mirrord (an upgrade), even when nothing holds it")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -49,10 +50,10 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(c.Log, os.Stderr).With().Str("volume", c.Volume.Name).Logger()
-	return run(c, log)
+	return run(c, log, *keep)
 }
 
-func run(c *Config, log zerolog.Logger) error {
+func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 	if err := os.MkdirAll(filepath.Dir(c.Volume.Path), 0o755); err != nil {
 		return fmt.Errorf("volume.path: %w", err)
 	}
@@ -109,7 +110,8 @@ func run(c *Config, log zerolog.Logger) error {
 		_ = vol.Close()
 		return fmt.Errorf("control.socket: %w", err)
 	}
-	cs := &controlServer{vol: vol, srv: srv, log: log}
+	kx := &kernelExport{srv: srv, vol: vol, cfg: c.NBD, name: c.Volume.Name, log: log}
+	cs := &controlServer{vol: vol, srv: srv, kx: kx, log: log}
 	hs := &http.Server{Handler: cs.handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = hs.Serve(ctl) }()
 	defer func() { _ = hs.Close() }()
@@ -126,13 +128,19 @@ func run(c *Config, log zerolog.Logger) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	var runErr error
-	select {
-	case s := <-sig:
-		log.Info().Str("signal", s.String()).Msg("shutting down")
-	case err := <-serveErr:
-		runErr = fmt.Errorf("serve: %w", err)
-		log.Error().Err(err).Msg("listener failed, shutting down")
+	if err := kx.attach(); err != nil {
+		runErr = err
+		log.Error().Err(err).Msg("kernel device attach failed, shutting down")
+	} else {
+		select {
+		case s := <-sig:
+			log.Info().Str("signal", s.String()).Msg("shutting down")
+		case err := <-serveErr:
+			runErr = fmt.Errorf("serve: %w", err)
+			log.Error().Err(err).Msg("listener failed, shutting down")
+		}
 	}
+	kx.stop(keepDevice)
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {

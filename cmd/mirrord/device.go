@@ -1,0 +1,188 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/mirrord/mirrord/mirror"
+	"github.com/mirrord/mirrord/nbd"
+)
+
+// The volume as a kernel block device (nbd.device): attached while this
+// node is Primary, detached on demotion (refused while mounted), and left
+// attached across a restart of mirrord so a mounted file system never
+// notices one.
+
+// Defaults for the nbd.device-* keys.
+const (
+	DefaultDeviceConnections = nbd.DefaultKernelConnections
+	DefaultDeviceTimeout     = nbd.DefaultKernelTimeout
+	DefaultDeviceDeadTimeout = nbd.DefaultDeadConnTimeout
+)
+
+func setDeviceDefaults(set func(key string, value any)) {
+	set("nbd.device", "")
+	set("nbd.device-connections", DefaultDeviceConnections)
+	set("nbd.device-timeout", DefaultDeviceTimeout.String())
+	set("nbd.device-dead-timeout", DefaultDeviceDeadTimeout.String())
+	set("nbd.device-interface", "auto")
+}
+
+// deviceIndex parses nbd.device: "/dev/nbdN" or "auto".
+func deviceIndex(dev string) (int, error) {
+	if dev == "auto" {
+		return nbd.AnyDevice, nil
+	}
+	n, ok := strings.CutPrefix(dev, "/dev/nbd")
+	i, err := strconv.Atoi(n)
+	if !ok || err != nil || i < 0 {
+		return 0, fmt.Errorf("want /dev/nbdN, auto or empty (got %q)", dev)
+	}
+	return i, nil
+}
+
+func (c *Config) validateDevice(bad func(key, format string, a ...any)) {
+	n := &c.NBD
+	if n.Device != "" {
+		if _, err := deviceIndex(n.Device); err != nil {
+			bad("nbd.device", "%v", err)
+		}
+	}
+	if n.DeviceConnections < 1 || n.DeviceConnections > 64 {
+		bad("nbd.device-connections", "must be from 1 to 64 (got %d)", n.DeviceConnections)
+	}
+	if n.DeviceTimeout < time.Second {
+		bad("nbd.device-timeout", "must be at least 1s, the kernel counts whole seconds (got %v)", n.DeviceTimeout)
+	}
+	if n.DeviceDeadTimeout < 0 {
+		bad("nbd.device-dead-timeout", "must not be negative (got %v)", n.DeviceDeadTimeout)
+	}
+	switch n.DeviceInterface {
+	case "auto", "netlink", "ioctl":
+	default:
+		bad("nbd.device-interface", "must be auto, netlink or ioctl (got %q)", n.DeviceInterface)
+	}
+}
+
+// kernelExport owns the kernel device of one volume. Its methods are safe
+// for concurrent use (control requests, shutdown); with nbd.device empty
+// they do nothing.
+type kernelExport struct {
+	srv  *nbd.Server
+	vol  *mirror.Volume
+	cfg  NBDConfig
+	name string
+	log  zerolog.Logger
+
+	mu  sync.Mutex
+	dev *nbd.KernelDevice
+}
+
+// deviceStatus is the "device" part of GET /status.
+type deviceStatus struct {
+	Path       string `json:"path"`
+	Interface  string `json:"interface"`
+	Reattached bool   `json:"reattached"`
+	Connected  bool   `json:"connected"`
+}
+
+// attach exposes the volume as a block device if configured and Primary.
+func (k *kernelExport) attach() error {
+	if k == nil || k.cfg.Device == "" || k.vol.Role() != mirror.RolePrimary {
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.dev != nil {
+		return nil
+	}
+	idx, _ := deviceIndex(k.cfg.Device) // validated with the config
+	iface := k.cfg.DeviceInterface
+	if iface == "auto" {
+		iface = nbd.InterfaceAuto
+	}
+	dev, err := k.srv.AttachKernel(k.name, nbd.KernelOptions{
+		Index:           idx,
+		Connections:     k.cfg.DeviceConnections,
+		Timeout:         k.cfg.DeviceTimeout,
+		DeadConnTimeout: k.cfg.DeviceDeadTimeout,
+		Backend:         "mirrord:" + k.name,
+		Interface:       iface,
+	})
+	if err != nil {
+		return fmt.Errorf("nbd.device %s: %w", k.cfg.Device, err)
+	}
+	k.dev = dev
+	return nil
+}
+
+// detach takes the device away, refusing while it is mounted or held.
+func (k *kernelExport) detach() error {
+	if k == nil {
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.dev == nil {
+		return nil
+	}
+	if err := k.dev.Detach(); err != nil {
+		if errors.Is(err, nbd.ErrDeviceInUse) {
+			return fmt.Errorf("%w: unmount it (or stop its user) first", err)
+		}
+		return err
+	}
+	k.dev = nil
+	return nil
+}
+
+// stop is the device's part of shutting down. Unless keep is set it is
+// detached; if it is in use it stays attached whatever keep says, and the
+// kernel holds its I/O for nbd.device-dead-timeout, waiting for the next
+// mirrord to take it over.
+func (k *kernelExport) stop(keep bool) {
+	if k == nil {
+		return
+	}
+	k.mu.Lock()
+	dev := k.dev
+	k.mu.Unlock()
+	if dev == nil {
+		return
+	}
+	if !keep {
+		err := k.detach()
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, nbd.ErrDeviceInUse) {
+			k.log.Error().Err(err).Str("device", dev.Path()).Msg("detach failed")
+			return
+		}
+		k.log.Warn().Err(err).Msg("device in use: leaving it attached")
+	}
+	k.log.Warn().Str("device", dev.Path()).Dur("dead_timeout", k.cfg.DeviceDeadTimeout).
+		Msg("device left attached: the kernel holds its I/O until mirrord is started again within the dead timeout")
+}
+
+func (k *kernelExport) status() *deviceStatus {
+	if k == nil {
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.dev == nil {
+		return nil
+	}
+	st, err := k.dev.Status()
+	return &deviceStatus{
+		Path: k.dev.Path(), Interface: k.dev.Interface(),
+		Reattached: k.dev.Reattached(), Connected: err == nil && st.Connected,
+	}
+}
