@@ -39,6 +39,9 @@ for f in "$@"; do cp "$f" "$w/r/test/"; done
 # The kernel unpacks concatenated archives in order: the cached image, then
 # this run's files.
 cp "$img/initrd.gz" "$w/initrd"
+# cpio headers are 4-byte aligned from where an archive starts; zeros
+# between archives are skipped, so pad to a 512-byte boundary.
+truncate -s $((($(stat -c %s "$w/initrd") + 511) / 512 * 512)) "$w/initrd"
 (cd "$w/r" && find . | cpio -o -H newc --quiet) >>"$w/initrd"
 
 set +e
