@@ -142,3 +142,47 @@ func TestREADMEVerbs(t *testing.T) {
 		}
 	}
 }
+
+// TestREADMEKernelDevice: the README's /dev/nbdX section shows the config
+// and commands that TestKernelDeviceRestart runs in its VM
+// (testdata/vm/restart.sh): the YAML verbatim, each command in a line of
+// the script.
+func TestREADMEKernelDevice(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script, err := os.ReadFile("testdata/vm/restart.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sec, ok := strings.Cut(string(readme), "\n## The volume as /dev/nbdX\n")
+	if !ok {
+		t.Fatal("README has no section \"The volume as /dev/nbdX\"")
+	}
+	sec, _, _ = strings.Cut(sec, "\n## ")
+	blocks := regexp.MustCompile("(?s)```(yaml|sh)\n(.*?)```").FindAllStringSubmatch(sec, -1)
+	if len(blocks) < 3 {
+		t.Fatalf("the section has %d code blocks, want a yaml and two sh", len(blocks))
+	}
+	lines := strings.Split(string(script), "\n")
+	for _, b := range blocks {
+		if b[1] == "yaml" {
+			if !strings.Contains(string(script), b[2]) {
+				t.Errorf("restart.sh does not use the README's config:\n%s", b[2])
+			}
+			continue
+		}
+		for _, cmd := range strings.Split(strings.TrimSpace(b[2]), "\n") {
+			cmd, _, _ = strings.Cut(cmd, " #")
+			cmd = strings.TrimSpace(cmd)
+			found := false
+			for _, l := range lines {
+				found = found || strings.Contains(l, cmd)
+			}
+			if !found {
+				t.Errorf("README command %q is not run by testdata/vm/restart.sh", cmd)
+			}
+		}
+	}
+}

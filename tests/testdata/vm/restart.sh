@@ -3,18 +3,24 @@
 # mounted and a writer fsyncs file after file: the kernel holds the I/O
 # (nbd.device-dead-timeout), the new mirrord takes the device over, and the
 # writer must see no error and every file it logged must check out.
-# Lines starting with "MARK " are read by the Go test.
+# The config and the commands are the README's ("The volume as /dev/nbdX");
+# TestREADMEKernelDevice checks they stay so. Lines starting with "MARK "
+# are read by the Go test.
 set -u
-fail() { echo "VM-FAIL $*"; tail -30 /tmp/v/log; exit 1; }
-mkdir -p /tmp/v
-ctl=/tmp/v/ctl.sock
+fail() { echo "VM-FAIL $*"; exit 1; }
+mkdir -p /tmp/v /etc/mirrord
+cat >/etc/mirrord/vol0.yaml <<'YAML'
+volume: {name: vol0, path: /var/lib/mirrord/vol0.img, size: 128MiB}
+nbd:
+  device: /dev/nbd0           # or auto
+  device-timeout: 10s         # request timeout; keep it above peer.timeout (6 s)
+  device-dead-timeout: 2m     # how long the kernel holds I/O while mirrord restarts
+YAML
 start() {
-	mirrord run --path /tmp/v/vol.img --size 128MiB --listen unix:/tmp/v/nbd.sock \
-		--set control.socket=$ctl --set nbd.device=/dev/nbd0 \
-		--set nbd.device-timeout=5s --set nbd.device-dead-timeout=60s >>/tmp/v/log 2>&1 &
+	mirrord run -c /etc/mirrord/vol0.yaml &
 	pid=$!
 	i=0
-	until mirrord status --json --control $ctl >/tmp/v/status 2>/dev/null && grep -q '"connected": *true' /tmp/v/status; do
+	until mirrord status --json >/tmp/v/status 2>/dev/null && grep -q '"connected": *true' /tmp/v/status; do
 		i=$((i + 1)); [ $i -lt 300 ] || fail "mirrord did not attach"; sleep 0.1
 	done
 }
@@ -28,6 +34,7 @@ wait_logged() { # until the writer has logged $1 files
 start
 mkfs.ext4 -q /dev/nbd0 || fail mkfs
 mount -t ext4 /dev/nbd0 /mnt || fail mount
+mirrord status --json         # "device": path, interface, connected; "nbd": flushes, fua_writes
 : >/tmp/v/written
 (
 	n=0
@@ -41,7 +48,7 @@ wpid=$!
 for r in 1 2; do
 	wait_logged $((r * 10))
 	t0=$(date +%s)
-	kill -TERM $pid
+	kill -TERM $pid               # or systemctl restart
 	wait $pid || fail "mirrord exit status $? on restart $r"
 	[ "$(cat /sys/block/nbd0/size)" != 0 ] || fail "nbd0 detached on restart $r"
 	start
