@@ -34,6 +34,7 @@ Usage:
   mirrord verify [--json]                            compare digests with the peer
   mirrord connect | disconnect                       leave / enter StandAlone
   mirrord discard-my-data                            resolve a split brain against this node
+  mirrord witness --secret-file FILE [--listen ADDR] run the third vote (on a third host)
   mirrord version                                    print the version
 
 Run 'mirrord COMMAND --help' for a command's flags.
@@ -65,6 +66,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdVerify(args[1:], stdout)
 	case "promote", "demote", "connect", "disconnect", "discard-my-data":
 		err = cmdSimple(args[0], args[1:], stdout)
+	case "witness":
+		err = cmdWitness(args[1:])
 	case "version", "--version":
 		fmt.Fprintln(stdout, versionString())
 	case "help", "-h", "--help":
