@@ -60,7 +60,7 @@ func runVM(t *testing.T, script string) vmResult {
 // static mirrord; opts go before the script.
 func vmCommand(bin, script string, opts ...string) *exec.Cmd {
 	args := append([]string{"-m", "768", "-t", "300"}, opts...)
-	args = append(args, filepath.Join("testdata", "vm", script), bin)
+	args = append(args, filepath.Join("testdata", "vm", script), bin, filepath.Join("testdata", "vm", "lib.sh"))
 	return exec.Command("../scripts/vm/run.sh", args...)
 }
 

@@ -7,8 +7,7 @@
 # TestREADMEKernelDevice checks they stay so. Lines starting with "MARK "
 # are read by the Go test.
 set -u
-fail() { echo "VM-FAIL $*"; exit 1; }
-mkdir -p /tmp/v /etc/mirrord
+. /test/lib.sh
 cat >/etc/mirrord/vol0.yaml <<'YAML'
 volume: {name: vol0, path: /var/lib/mirrord/vol0.img, size: 128MiB}
 nbd:
@@ -19,17 +18,14 @@ YAML
 start() {
 	mirrord run -c /etc/mirrord/vol0.yaml &
 	pid=$!
-	i=0
-	until mirrord status --json >/tmp/v/status 2>/dev/null && grep -q '"connected": *true' /tmp/v/status; do
-		i=$((i + 1)); [ $i -lt 300 ] || fail "mirrord did not attach"; sleep 0.1
-	done
+	connected() { mirrord status --json >/tmp/v/status 2>/dev/null && grep -q '"connected": *true' /tmp/v/status; }
+	poll 300 connected || fail "mirrord did not attach"
 }
 logged() { wc -l </tmp/v/written; }
-wait_logged() { # until the writer has logged $1 files
-	i=0
-	while [ "$(logged)" -lt "$1" ]; do
-		i=$((i + 1)); [ $i -lt 1200 ] || fail "writer stalled at $(logged) files"; sleep 0.1
-	done
+# wait_logged N: until the writer has logged N files.
+wait_logged() {
+	enough() { [ "$(logged)" -ge "$1" ]; }
+	poll 1200 enough "$1" || fail "writer stalled at $(logged) files"
 }
 start
 mkfs.ext4 -q /dev/nbd0 || fail mkfs
@@ -61,12 +57,8 @@ touch /tmp/v/stop
 wait $wpid || fail "writer failed"
 echo "MARK files $(logged)"
 umount /mnt || fail umount
-e2fsck -fn /dev/nbd0 >/tmp/v/fsck.out 2>&1 || { cat /tmp/v/fsck.out; fail "e2fsck"; }
-echo "MARK fsck clean"
-mount -t ext4 /dev/nbd0 /mnt || fail "mount again"
-sha256sum -c /tmp/v/written >/dev/null || fail "checksums"
-echo "MARK sums ok"
-umount /mnt
+fsck_clean
+sums_ok /tmp/v/written
 echo "MARK io-errors $(dmesg | grep -c 'I/O error')"
 kill -TERM $pid; wait $pid || fail "mirrord exit status $?"
 echo "MARK detached-size $(cat /sys/block/nbd0/size)"
