@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -102,6 +104,7 @@ func (k *kernelExport) attach() error {
 	if k.dev != nil {
 		return nil
 	}
+	minProcsForKernel()
 	idx, _ := deviceIndex(k.cfg.Device) // validated with the config
 	iface := k.cfg.DeviceInterface
 	if iface == "auto" {
@@ -120,6 +123,19 @@ func (k *kernelExport) attach() error {
 	}
 	k.dev = dev
 	return nil
+}
+
+// minProcsForKernel gives the Go scheduler a second P when it has one
+// (a single-CPU host or VM) and GOMAXPROCS was not set. The kernel's
+// connections are read with blocking read(2) on their own threads; with one
+// P, the thread blocked in read holds it, so sysmon wakes every 20 us and
+// takes it back on every request (measured in a 1-vCPU VM: QD1 writes at
+// 800-1700 IOPS against 2200-2500 with two Ps). With an idle P to spare,
+// sysmon leaves a blocked syscall alone and backs off to sleeping.
+func minProcsForKernel() {
+	if os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) < 2 {
+		runtime.GOMAXPROCS(2)
+	}
 }
 
 // detach takes the device away, refusing while it is mounted or held.
