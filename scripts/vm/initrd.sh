@@ -31,7 +31,10 @@ for t in $tools; do
 	[ -e "$t" ] || { echo "initrd.sh: $t is missing (run scripts/deps.sh test)" >&2; exit 1; }
 done
 
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+kpkg=$(kernel_pkg)
+# A fresh container often ships without package lists.
+[ -n "$kpkg" ] || { apt-get update -qq >/dev/null 2>&1 && kpkg=$(kernel_pkg); }
 [ -n "$kpkg" ] || { echo "initrd.sh: apt-cache knows no linux-image-amd64 (apt-get update?)" >&2; exit 1; }
 kver=${kpkg#linux-image-}
 kpkgver=$(apt-cache policy "$kpkg" | awk '/Candidate:/{print $2}')
