@@ -89,7 +89,8 @@ func (r vmResult) want(t *testing.T, key, value string) {
 // ext4 is made, written with fsync, checked clean and read back; the
 // device is a write-back cache with FUA and the server saw flushes and
 // FUA writes; demotion is refused while mounted and detaches after; the
-// same file system then mounts through the ioctl interface.
+// same file system then mounts through the ioctl interface; and
+// --keep-device leaves the device attached for the next mirrord.
 func TestKernelDevice(t *testing.T) {
 	t.Parallel()
 	r := runVM(t, "device.sh")
@@ -103,6 +104,8 @@ func TestKernelDevice(t *testing.T) {
 	r.want(t, "demoted-size", "0")
 	r.want(t, "ioctl-pid", "yes")
 	r.want(t, "ioctl-detached-size", "0")
+	r.want(t, "kept-size", "262144")
+	r.want(t, "kept-reattached", `"reattached":true`)
 	r.want(t, "io-errors", "0")
 	var st struct {
 		NBD struct {

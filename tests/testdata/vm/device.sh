@@ -5,10 +5,12 @@
 set -u
 . /test/lib.sh
 ctl=/tmp/v/ctl.sock
-start() { # interface
-	mirrord run --path /tmp/v/vol.img --size 128MiB --listen unix:/tmp/v/nbd.sock \
+start() { # interface [run flags]
+	iface=$1
+	shift
+	mirrord run "$@" --path /tmp/v/vol.img --size 128MiB --listen unix:/tmp/v/nbd.sock \
 		--set volume.meta=/tmp/v/vol.meta --set control.socket=$ctl \
-		--set nbd.device=/dev/nbd0 --set nbd.device-interface=$1 2>>/tmp/v/log.$1 &
+		--set nbd.device=/dev/nbd0 --set nbd.device-interface=$iface 2>>/tmp/v/log.$iface &
 	pid=$!
 	running() { mirrord status --control $ctl >/dev/null 2>&1; }
 	poll 300 running || fail "mirrord did not start"
@@ -47,4 +49,15 @@ sums_ok /tmp/v/sums
 kill -TERM $pid
 wait $pid || fail "mirrord (ioctl) exit status $?"
 echo "MARK ioctl-detached-size $(cat /sys/block/nbd0/size)"
+
+# --keep-device leaves even an unused device attached for the next mirrord.
+start netlink --keep-device
+kill -TERM $pid
+wait $pid || fail "mirrord --keep-device exit status $?"
+echo "MARK kept-size $(cat /sys/block/nbd0/size)"
+start netlink
+echo "MARK kept-reattached $(status --control $ctl | grep -o '"reattached":[a-z]*')"
+sums_ok /tmp/v/sums
+kill -TERM $pid
+wait $pid || fail "mirrord exit status $?"
 echo "MARK io-errors $(dmesg | grep -c 'I/O error')"
