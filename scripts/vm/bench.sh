@@ -6,17 +6,24 @@
 #   mirrord      mirrord's own kernel attach (nbd.device, 4 connections),
 #                standalone volume
 # both on a 256 MiB file in the VM's tmpfs, so both pay the same emulated
-# CPU and neither pays a disk. Prints one row per system and job with the
-# main metric (IOPS; KiB/s for the sequential job) and mirrord's ratio to
-# nbdkit-file.
+# CPU and neither pays a disk. Each job runs on both systems back to back,
+# ROUNDS times; the table shows each system's median (IOPS; KiB/s for the
+# sequential job) and mirrord's ratio to nbdkit-file.
 #
-# Usage: scripts/vm/bench.sh [--runtime N]   (seconds per fio job, default 8)
-# Slow by nature (TCG): about 2 minutes with the default runtime. Not a
-# test: the figures move with the host's load.
+# Usage: scripts/vm/bench.sh [--runtime N] [--rounds R]
+#   (seconds per fio run, default 5; rounds, default 3)
+# Slow by nature (TCG): about 3 minutes with the defaults. Not a test: the
+# figures move with the host's load, which the rounds only dampen.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-rt=8
-[ "${1:-}" = --runtime ] && rt=$2
+rt=5 rounds=3
+while [ $# -gt 0 ]; do
+	case $1 in
+	--runtime) rt=$2; shift 2 ;;
+	--rounds) rounds=$2; shift 2 ;;
+	*) sed -n '2,19p' "$0" >&2; exit 2 ;;
+	esac
+done
 w=$(mktemp -d)
 trap 'rm -rf "$w"' EXIT
 CGO_ENABLED=0 go build -o "$w/mirrord" ./cmd/mirrord
@@ -67,27 +74,33 @@ i=0; until [ "$(cat /sys/block/nbd0/size)" != 0 ]; do i=$((i+1)); [ $i -lt 300 ]
 # Job by job, the two systems back to back, so a change in the host's load
 # hits both alike.
 for job in randwrite-qd1 randwrite-qd32 seqwrite-1m randread-qd32; do
-	for sys in nbdkit-file:/dev/nbd1 mirrord:/dev/nbd0; do
+	for round in $(seq ROUNDS); do for sys in nbdkit-file:/dev/nbd1 mirrord:/dev/nbd0; do
 		DEV=${sys#*:} fio --minimal --section=$job /test/job.fio >/tmp/b/out 2>&1 || { cat /tmp/b/out; echo "VM-FAIL fio $sys"; exit 1; }
 		# terse v3: 3 job name, 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS
 		awk -F';' -v s="${sys%%:*}" '{print "BENCH", s, $3, $7, $8, $48, $49}' /tmp/b/out
-	done
+	done; done
 done
 VM
+sed -i "s/ROUNDS/$rounds/" "$w/script.sh"
 scripts/vm/run.sh -b -m 1536 -t 900 "$w/script.sh" "$w/mirrord" "$w/job.fio" | tr -d '\r' >"$w/console" || { tail -40 "$w/console" >&2; exit 1; }
 awk '
+function median(list,   a, n, i, j, t) {
+	n = split(list, a, " ")
+	for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+	return n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
+}
 /^BENCH/ {
 	sys = $2; job = $3
 	v = (job ~ /read/) ? $5 : $7; unit = (job ~ /read/) ? "read IOPS" : "write IOPS"
 	if (job ~ /seq/) { v = $6; unit = "write KiB/s" }
-	val[sys, job] = v; units[job] = unit
+	val[sys, job] = val[sys, job] " " v; units[job] = unit
 	if (!(job in seen)) { seen[job] = 1; order[++n] = job }
 }
 END {
-	if (n == 0) { print "bench: no results (see the console above)"; exit 1 }
-	printf "%-16s %-12s %12s %12s %7s\n", "job", "metric", "nbdkit-file", "mirrord", "ratio"
+	if (n == 0) { print "bench: no results"; exit 1 }
+	printf "%-16s %-12s %12s %12s %7s   (medians of %s)\n", "job", "metric", "nbdkit-file", "mirrord", "ratio", "'"$rounds"' rounds"
 	for (i = 1; i <= n; i++) {
-		j = order[i]; a = val["nbdkit-file", j]; b = val["mirrord", j]
+		j = order[i]; a = median(val["nbdkit-file", j]); b = median(val["mirrord", j])
 		printf "%-16s %-12s %12d %12d %7.2f\n", j, units[j], a, b, (a > 0 ? b / a : 0)
 	}
 }' "$w/console"
