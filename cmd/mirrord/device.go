@@ -84,6 +84,10 @@ type kernelExport struct {
 
 	mu  sync.Mutex
 	dev *nbd.KernelDevice
+	// parked: detached on the way to a demotion; follow must not attach
+	// again on a Primary event that races the demotion. Cleared once the
+	// volume is seen Secondary, or by an explicit attach.
+	parked bool
 }
 
 // deviceStatus is the "device" part of GET /status.
@@ -101,6 +105,11 @@ func (k *kernelExport) attach() error {
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.parked = false
+	return k.attachLocked()
+}
+
+func (k *kernelExport) attachLocked() error {
 	if k.dev != nil {
 		return nil
 	}
@@ -138,6 +147,36 @@ func minProcsForKernel() {
 	}
 }
 
+// follow attaches the device whenever the volume becomes Primary, whoever
+// promoted it (the control API, the failover agent), until the returned
+// stop is called. Detaching is not automatic: a demotion must refuse while
+// the device is mounted, so whoever demotes calls detach first.
+func (k *kernelExport) follow() (stop func()) {
+	if k == nil || k.cfg.Device == "" {
+		return func() {}
+	}
+	ch, cancel := k.vol.Subscribe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for e := range ch {
+			k.mu.Lock()
+			var err error
+			switch {
+			case e.Status.Role != mirror.RolePrimary.String():
+				k.parked = false
+			case !k.parked:
+				err = k.attachLocked()
+			}
+			k.mu.Unlock()
+			if err != nil {
+				k.log.Error().Err(err).Msg("kernel device attach on promotion failed")
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
 // detach takes the device away, refusing while it is mounted or held.
 func (k *kernelExport) detach() error {
 	if k == nil {
@@ -154,7 +193,7 @@ func (k *kernelExport) detach() error {
 		}
 		return err
 	}
-	k.dev = nil
+	k.dev, k.parked = nil, true
 	return nil
 }
 

@@ -128,6 +128,7 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	var runErr error
+	stopFollow := kx.follow()
 	if err := kx.attach(); err != nil {
 		runErr = err
 		log.Error().Err(err).Msg("kernel device attach failed, shutting down")
@@ -140,6 +141,7 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 			log.Error().Err(err).Msg("listener failed, shutting down")
 		}
 	}
+	stopFollow()
 	kx.stop(keepDevice)
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
