@@ -222,6 +222,12 @@ func (k *kernelExport) stop(keep bool) {
 		}
 		k.log.Warn().Err(err).Msg("device in use: leaving it attached")
 	}
+	if dev.Interface() == nbd.InterfaceIoctl {
+		// NBD_DO_IT ends with this process and the kernel then clears
+		// the device: only netlink lets a device outlive its server.
+		k.log.Error().Str("device", dev.Path()).Msg("device in use on the ioctl interface: its I/O fails once mirrord exits (restarts need the netlink interface)")
+		return
+	}
 	k.log.Warn().Str("device", dev.Path()).Dur("dead_timeout", k.cfg.DeviceDeadTimeout).
 		Msg("device left attached: the kernel holds its I/O until mirrord is started again within the dead timeout")
 }
