@@ -10,18 +10,20 @@
 # ROUNDS times; the table shows each system's median (IOPS; KiB/s for the
 # sequential job) and mirrord's ratio to nbdkit-file.
 #
-# Usage: scripts/vm/bench.sh [--runtime N] [--rounds R]
-#   (seconds per fio run, default 5; rounds, default 3)
+# Usage: scripts/vm/bench.sh [--runtime N] [--rounds R] [--cpus C]
+#   (seconds per fio run, default 5; rounds, default 3; the VM's CPUs,
+#   default 1)
 # Slow by nature (TCG): about 3 minutes with the defaults. Not a test: the
 # figures move with the host's load, which the rounds only dampen.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-rt=5 rounds=3
+rt=5 rounds=3 cpus=1
 while [ $# -gt 0 ]; do
 	case $1 in
 	--runtime) rt=$2; shift 2 ;;
 	--rounds) rounds=$2; shift 2 ;;
-	*) sed -n '2,19p' "$0" >&2; exit 2 ;;
+	--cpus) cpus=$2; shift 2 ;;
+	*) sed -n '2,20p' "$0" >&2; exit 2 ;;
 	esac
 done
 w=$(mktemp -d)
@@ -82,7 +84,7 @@ for job in randwrite-qd1 randwrite-qd32 seqwrite-1m randread-qd32; do
 done
 VM
 sed -i "s/ROUNDS/$rounds/" "$w/script.sh"
-scripts/vm/run.sh -b -m 1536 -t 900 "$w/script.sh" "$w/mirrord" "$w/job.fio" | tr -d '\r' >"$w/console" || { tail -40 "$w/console" >&2; exit 1; }
+scripts/vm/run.sh -b -c "$cpus" -m 1536 -t 900 "$w/script.sh" "$w/mirrord" "$w/job.fio" | tr -d '\r' >"$w/console" || { tail -40 "$w/console" >&2; exit 1; }
 awk '
 function median(list,   a, n, i, j, t) {
 	n = split(list, a, " ")
@@ -98,7 +100,7 @@ function median(list,   a, n, i, j, t) {
 }
 END {
 	if (n == 0) { print "bench: no results"; exit 1 }
-	printf "%-16s %-12s %12s %12s %7s   (medians of %s)\n", "job", "metric", "nbdkit-file", "mirrord", "ratio", "'"$rounds"' rounds"
+	printf "%-16s %-12s %12s %12s %7s   (medians of %s)\n", "job", "metric", "nbdkit-file", "mirrord", "ratio", "'"$rounds"' rounds, '"$cpus"' vCPU"
 	for (i = 1; i <= n; i++) {
 		j = order[i]; a = median(val["nbdkit-file", j]); b = median(val["mirrord", j])
 		printf "%-16s %-12s %12d %12d %7.2f\n", j, units[j], a, b, (a > 0 ? b / a : 0)
