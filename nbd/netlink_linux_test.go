@@ -20,17 +20,25 @@ func unhex(t testing.TB, s string) []byte {
 	return b
 }
 
-// TestNetlinkConnectGolden pins the bytes of NBD_CMD_CONNECT, written out
-// field by field from include/uapi/linux/nbd-netlink.h (little-endian host).
-func TestNetlinkConnectGolden(t *testing.T) {
-	c := &linkConfig{
-		Index: 0, Size: 1 << 20, BlockSize: 4096,
-		Timeout: 30 * time.Second, DeadConnTimeout: 2 * time.Minute,
-		ServerFlags: 0x16d, FDs: []int{7, 8}, Backend: "mirrord:vol0",
-	}
-	req := newGenlRequest(0x1c, genlCmdConnect, c.attrs()...)
-	req.Seq = 1
-	want := unhex(t, `
+// TestNetlinkRequestGolden pins the bytes of the requests, written out field
+// by field from include/uapi/linux/nbd-netlink.h (little-endian host):
+// nlmsghdr, genlmsghdr, then the attributes.
+func TestNetlinkRequestGolden(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cmd  uint8
+		seq  uint32
+		c    linkConfig
+		want string
+	}{{
+		name: "connect",
+		cmd:  genlCmdConnect, seq: 1,
+		c: linkConfig{
+			Index: 0, Size: 1 << 20, BlockSize: 4096,
+			Timeout: 30 * time.Second, DeadConnTimeout: 2 * time.Minute,
+			ServerFlags: 0x16d, FDs: []int{7, 8}, Backend: "mirrord:vol0",
+		},
+		want: `
 		94000000 1c00 0500 01000000 00000000 | 01 01 0000
 		0800 0100 00000000
 		0c00 0200 0000100000000000
@@ -40,32 +48,30 @@ func TestNetlinkConnectGolden(t *testing.T) {
 		0c00 0500 6d01000000000000
 		0c00 0600 0000000000000000
 		1100 0a00 6d6972726f72643a766f6c3000 000000
-		1c00 0780 | 0c00 0180 0800 0100 07000000 | 0c00 0180 0800 0100 08000000`)
-	if got := req.Serialize(); !bytes.Equal(got, want) {
-		t.Fatalf("connect request:\n got %x\nwant %x", got, want)
-	}
-}
-
-func TestNetlinkReconfigureAndDisconnectGolden(t *testing.T) {
-	// Reconfigure sends only what it changes: no flags, no zero timeouts.
-	c := &linkConfig{Index: 3, Timeout: 1500 * time.Millisecond, FDs: []int{9}}
-	req := newGenlRequest(0x1c, genlCmdReconfigure, c.attrs()...)
-	req.Seq = 2
-	want := unhex(t, `
+		1c00 0780 | 0c00 0180 0800 0100 07000000 | 0c00 0180 0800 0100 08000000`,
+	}, {
+		// Reconfigure sends only what it changes: no flags, no zero
+		// timeouts; 1.5 s rounds up to 2.
+		name: "reconfigure",
+		cmd:  genlCmdReconfigure, seq: 2,
+		c: linkConfig{Index: 3, Timeout: 1500 * time.Millisecond, FDs: []int{9}},
+		want: `
 		44000000 1c00 0500 02000000 00000000 | 03 01 0000
 		0800 0100 03000000
 		0c00 0400 0200000000000000
 		0c00 0600 0000000000000000
-		1000 0780 | 0c00 0180 0800 0100 09000000`)
-	if got := req.Serialize(); !bytes.Equal(got, want) {
-		t.Fatalf("reconfigure request:\n got %x\nwant %x", got, want)
-	}
-	st := &linkConfig{Index: -1}
-	req = newGenlRequest(0x1c, genlCmdStatus, st.attrs()...)
-	req.Seq = 3
-	want = unhex(t, `14000000 1c00 0500 03000000 00000000 | 05 01 0000`)
-	if got := req.Serialize(); !bytes.Equal(got, want) {
-		t.Fatalf("status request:\n got %x\nwant %x", got, want)
+		1000 0780 | 0c00 0180 0800 0100 09000000`,
+	}, {
+		name: "status of every device",
+		cmd:  genlCmdStatus, seq: 3,
+		c:    linkConfig{Index: -1},
+		want: `14000000 1c00 0500 03000000 00000000 | 05 01 0000`,
+	}} {
+		req := newGenlRequest(0x1c, tc.cmd, tc.c.attrs()...)
+		req.Seq = tc.seq
+		if got, want := req.Serialize(), unhex(t, tc.want); !bytes.Equal(got, want) {
+			t.Errorf("%s request:\n got %x\nwant %x", tc.name, got, want)
+		}
 	}
 }
 

@@ -202,12 +202,7 @@ func (k *kernelExport) detach() error {
 // kernel holds its I/O for nbd.device-dead-timeout, waiting for the next
 // mirrord to take it over.
 func (k *kernelExport) stop(keep bool) {
-	if k == nil {
-		return
-	}
-	k.mu.Lock()
-	dev := k.dev
-	k.mu.Unlock()
+	dev := k.current()
 	if dev == nil {
 		return
 	}
@@ -232,18 +227,24 @@ func (k *kernelExport) stop(keep bool) {
 		Msg("device left attached: the kernel holds its I/O until mirrord is started again within the dead timeout")
 }
 
-func (k *kernelExport) status() *deviceStatus {
+// current is the attached device, or nil.
+func (k *kernelExport) current() *nbd.KernelDevice {
 	if k == nil {
 		return nil
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.dev == nil {
+	return k.dev
+}
+
+func (k *kernelExport) status() *deviceStatus {
+	dev := k.current()
+	if dev == nil {
 		return nil
 	}
-	st, err := k.dev.Status()
+	st, err := dev.Status()
 	return &deviceStatus{
-		Path: k.dev.Path(), Interface: k.dev.Interface(),
-		Reattached: k.dev.Reattached(), Connected: err == nil && st.Connected,
+		Path: dev.Path(), Interface: dev.Interface(),
+		Reattached: dev.Reattached(), Connected: err == nil && st.Connected,
 	}
 }
