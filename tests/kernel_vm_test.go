@@ -130,9 +130,10 @@ func TestKernelDevice(t *testing.T) {
 	}
 }
 
-// TestKernelDeviceRestart: mirrord is stopped and started twice under a
-// mounted ext4 with an fsync'ing writer; the new process takes the device
-// over, the writer sees no error, and every file it logged checks out.
+// TestKernelDeviceRestart: mirrord is stopped and started again, then
+// killed (-9) and started again, under a mounted ext4 with an fsync'ing
+// writer; the new process takes the device over, the writer sees no
+// error, and every file it logged checks out.
 func TestKernelDeviceRestart(t *testing.T) {
 	t.Parallel()
 	r := runVM(t, "restart.sh")
@@ -141,7 +142,7 @@ func TestKernelDeviceRestart(t *testing.T) {
 			t.Errorf("no %s mark\n%s", k, r.console)
 		}
 	}
-	t.Logf("I/O resumed: restart 1 %s, restart 2 %s", r.marks["restart1"], r.marks["restart2"])
+	t.Logf("I/O resumed: restart %s, after kill -9 %s", r.marks["restart1"], r.marks["restart2"])
 	n, err := strconv.Atoi(r.marks["files"])
 	if err != nil || n < 26 {
 		t.Errorf("files = %q, want at least 26 (10 per restart and 3 after each)", r.marks["files"])
