@@ -90,7 +90,8 @@ func (r vmResult) want(t *testing.T, key, value string) {
 // device is a write-back cache with FUA and the server saw flushes and
 // FUA writes; demotion is refused while mounted and detaches after; the
 // same file system then mounts through the ioctl interface; and
-// --keep-device leaves the device attached for the next mirrord.
+// --keep-device leaves the device attached for the next mirrord, which
+// finds it with nbd.device=auto.
 func TestKernelDevice(t *testing.T) {
 	t.Parallel()
 	r := runVM(t, "device.sh")
@@ -105,7 +106,7 @@ func TestKernelDevice(t *testing.T) {
 	r.want(t, "ioctl-pid", "yes")
 	r.want(t, "ioctl-detached-size", "0")
 	r.want(t, "kept-size", "262144")
-	r.want(t, "kept-reattached", `"reattached":true`)
+	r.want(t, "kept-reattached", `"path":"/dev/nbd0","interface":"netlink","reattached":true`)
 	r.want(t, "io-errors", "0")
 	var st struct {
 		NBD struct {

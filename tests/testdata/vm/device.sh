@@ -10,7 +10,7 @@ start() { # interface [run flags]
 	shift
 	mirrord run "$@" --path /tmp/v/vol.img --size 128MiB --listen unix:/tmp/v/nbd.sock \
 		--set volume.meta=/tmp/v/vol.meta --set control.socket=$ctl \
-		--set nbd.device=/dev/nbd0 --set nbd.device-interface=$iface 2>>/tmp/v/log.$iface &
+		--set nbd.device=${dev:-/dev/nbd0} --set nbd.device-interface=$iface 2>>/tmp/v/log.$iface &
 	pid=$!
 	running() { mirrord status --control $ctl >/dev/null 2>&1; }
 	poll 300 running || fail "mirrord did not start"
@@ -55,8 +55,9 @@ start netlink --keep-device
 kill -TERM $pid
 wait $pid || fail "mirrord --keep-device exit status $?"
 echo "MARK kept-size $(cat /sys/block/nbd0/size)"
-start netlink
-echo "MARK kept-reattached $(status --control $ctl | grep -o '"reattached":[a-z]*')"
+# auto finds the device left connected to this volume (its backend name).
+dev=auto start netlink
+echo "MARK kept-reattached $(status --control $ctl | grep -o '"path":"[a-z0-9/]*","interface":"netlink","reattached":[a-z]*')"
 sums_ok /tmp/v/sums
 kill -TERM $pid
 wait $pid || fail "mirrord exit status $?"
