@@ -200,10 +200,12 @@ func (p *socketPairs) serve(s *Server, exp *Export) error {
 }
 
 // kernelConn is our end of a socketpair to the kernel, read and written
-// with plain blocking syscalls on the connection's own thread, as a C
-// server does, not through Go's poller: in the VMs we measure in, every
-// syscall is dear, and the poller adds an EAGAIN read and an epoll_wait
-// to every request. The fd is blocking, so os.File does exactly that, and
+// with plain blocking syscalls on the connection's own thread, as a
+// threaded C server does, not through Go's poller, which would add an
+// EAGAIN read and an epoll_wait to every request that finds the socket
+// empty. (In a 1-vCPU TCG VM the two measured alike within the noise;
+// what mattered there was giving the scheduler a second P, see
+// cmd/mirrord.) The fd is blocking, so os.File makes plain syscalls, and
 // it keeps a Close racing a blocked Read or a reply's Write safe.
 //
 // Deadlines: only one in the past is honoured, as "stop reading" (what
