@@ -17,6 +17,8 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/mirrord/mirrord/failover"
+	"github.com/mirrord/mirrord/failover/agent"
 	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
 )
@@ -30,38 +32,68 @@ type statusReply struct {
 	mirror.Status
 	NBD    nbd.Stats     `json:"nbd"`
 	Device *deviceStatus `json:"device,omitempty"`
+	// Failover is the agent's state (absent when failover is off).
+	Failover *failoverView `json:"failover,omitempty"`
 }
 
 type controlServer struct {
-	vol *mirror.Volume
-	srv *nbd.Server
-	kx  *kernelExport
-	log zerolog.Logger
+	vol   *mirror.Volume
+	srv   *nbd.Server
+	kx    *kernelExport
+	log   zerolog.Logger
+	agent *agent.Agent // nil: failover off
+}
+
+func (c *controlServer) status() statusReply {
+	st := statusReply{Status: c.vol.Status(), NBD: c.srv.Stats(), Device: c.kx.status()}
+	if c.agent != nil {
+		st.Failover = viewFailover(c.agent.Status())
+	}
+	return st
 }
 
 func (c *controlServer) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, statusReply{Status: c.vol.Status(), NBD: c.srv.Stats(), Device: c.kx.status()})
+		writeJSON(w, http.StatusOK, c.status())
 	})
+	c.failoverHandlers(mux)
 	mux.HandleFunc("GET /events", c.events)
 	mux.HandleFunc("POST /promote", func(w http.ResponseWriter, r *http.Request) {
 		force := r.URL.Query().Get("force") == "1"
+		if force && c.agent != nil {
+			// The panic button goes through the agent, which knows what
+			// may be lost and refuses without the acknowledgement.
+			c.failoverCommand(w, "promote --force", failover.ForcePromote{AcceptDataLoss: r.URL.Query().Get("accept-data-loss") == "1"})
+			return
+		}
 		err := c.vol.Promote(mirror.PromoteOptions{Force: force})
-		if err == nil {
+		switch {
+		case err != nil:
+		case c.agent != nil:
+			// The agent unfences once it knows this node is the only
+			// Primary; the resources (the kernel device first) come up now.
+			err = c.agent.Resources(r.Context(), true)
+		default:
 			err = c.kx.attach()
 		}
 		c.act(w, "promote", err)
 	})
 	mux.HandleFunc("POST /demote", func(w http.ResponseWriter, r *http.Request) {
-		// The device goes first: a Secondary's device would fail every
-		// write, and one still mounted must keep its Primary.
-		if err := c.kx.detach(); err != nil {
+		// The resources go first (the mount, then the device, which
+		// refuses while still mounted): a Secondary's device would fail
+		// every write, and one in use must keep its Primary.
+		if c.agent != nil {
+			if err := c.agent.Resources(r.Context(), false); err != nil {
+				c.act(w, "demote", err)
+				return
+			}
+		} else if err := c.kx.detach(); err != nil {
 			c.act(w, "demote", err)
 			return
 		}
 		err := c.vol.Demote()
-		if err != nil {
+		if err != nil && c.agent == nil {
 			// Still Primary (a standalone volume, say): expose it again.
 			err = errors.Join(err, c.kx.attach())
 		}
@@ -107,10 +139,27 @@ func (c *controlServer) events(w http.ResponseWriter, r *http.Request) {
 	if fl != nil {
 		fl.Flush()
 	}
+	var decisions <-chan failover.Decision
+	if c.agent != nil {
+		d, cancel := c.agent.Subscribe()
+		defer cancel()
+		decisions = d
+	}
 	for {
 		select {
 		case <-r.Context().Done():
 			return
+		case d, ok := <-decisions:
+			if !ok {
+				decisions = nil
+				continue
+			}
+			if enc.Encode(failoverEvent{Time: d.At.UTC(), Type: "failover", Decision: decisionJSON(d)}) != nil {
+				return
+			}
+			if fl != nil {
+				fl.Flush()
+			}
 		case e, ok := <-ch:
 			if !ok {
 				return

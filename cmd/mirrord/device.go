@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/mirrord/mirrord/failover/agent"
 	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
 )
@@ -225,6 +227,41 @@ func (k *kernelExport) stop(keep bool) {
 	}
 	k.log.Warn().Str("device", dev.Path()).Dur("dead_timeout", k.cfg.DeviceDeadTimeout).
 		Msg("device left attached: the kernel holds its I/O until mirrord is started again within the dead timeout")
+}
+
+// under puts the kernel device beneath the failover agent's resources:
+// attached before they start (a mount resource needs it), detached after
+// they stop (refused while something still holds it). Without nbd.device
+// it returns rest unchanged.
+func (k *kernelExport) under(rest agent.Resources) agent.Resources {
+	if k == nil || k.cfg.Device == "" {
+		return rest
+	}
+	return deviceResources{k: k, rest: rest}
+}
+
+type deviceResources struct {
+	k    *kernelExport
+	rest agent.Resources // nil: none configured
+}
+
+func (d deviceResources) Start(ctx context.Context) error {
+	if err := d.k.attach(); err != nil {
+		return err
+	}
+	if d.rest == nil {
+		return nil
+	}
+	return d.rest.Start(ctx)
+}
+
+func (d deviceResources) Stop(ctx context.Context) error {
+	if d.rest != nil {
+		if err := d.rest.Stop(ctx); err != nil {
+			return err
+		}
+	}
+	return d.k.detach()
 }
 
 // current is the attached device, or nil.

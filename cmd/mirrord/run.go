@@ -16,6 +16,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/mirrord/mirrord/failover/agent"
 	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
 )
@@ -65,7 +66,9 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 	if _, err := os.Stat(c.Volume.Path); size == 0 && os.IsNotExist(err) {
 		size = DefaultVolumeSize
 	}
-	vol, err := mirror.Open(c.Volume.Path, mirror.Options{
+	var foRecv atomicRecv
+	var fo *agent.Agent
+	opts := mirror.Options{
 		Name:       c.Volume.Name,
 		Node:       c.Node.Name,
 		Size:       size,
@@ -74,7 +77,16 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 		ALExtents:  c.Volume.ALExtents,
 		Peer:       peer,
 		Log:        log,
-	})
+	}
+	if c.Failover.Enabled {
+		// A promotion stays fenced until the agent knows this node is the
+		// only Primary; in sync mode with a witness, writes are held the
+		// moment replication drops, until the agent decides.
+		opts.FencePromotions = true
+		opts.HoldOnDisconnect = peer.Mode == mirror.ModeSync && (c.Failover.Witness != "" || len(c.Failover.EtcdEndpoints) > 0)
+		opts.OnBeacon = func(b []byte) { foRecv.load()(failoverPathReplication, b) }
+	}
+	vol, err := mirror.Open(c.Volume.Path, opts)
 	if err != nil {
 		return err
 	}
@@ -89,6 +101,19 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 		return err
 	}
 	srv.InflightBytes = int64(c.NBD.InflightBytes)
+	// The kernel device is the agent's first resource (a mount above it
+	// needs it), or follows the role by itself without an agent.
+	kx := &kernelExport{srv: srv, vol: vol, cfg: c.NBD, name: c.Volume.Name, log: log}
+	if c.Failover.Enabled {
+		fo, err = newFailover(c, vol, peer.Secret, foRecv.load, kx, log)
+		if err != nil {
+			_ = vol.Close()
+			return err
+		}
+		foRecv.store(fo.Receive)
+		fo.Start()
+		defer func() { _ = fo.Close() }()
+	}
 
 	var listeners []net.Listener
 	for _, a := range c.NBD.Listen {
@@ -110,8 +135,7 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 		_ = vol.Close()
 		return fmt.Errorf("control.socket: %w", err)
 	}
-	kx := &kernelExport{srv: srv, vol: vol, cfg: c.NBD, name: c.Volume.Name, log: log}
-	cs := &controlServer{vol: vol, srv: srv, kx: kx, log: log}
+	cs := &controlServer{vol: vol, srv: srv, kx: kx, log: log, agent: fo}
 	hs := &http.Server{Handler: cs.handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = hs.Serve(ctl) }()
 	defer func() { _ = hs.Close() }()
@@ -128,7 +152,10 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	var runErr error
-	stopFollow := kx.follow()
+	stopFollow := func() {}
+	if fo == nil {
+		stopFollow = kx.follow()
+	}
 	if err := kx.attach(); err != nil {
 		runErr = err
 		log.Error().Err(err).Msg("kernel device attach failed, shutting down")
@@ -147,6 +174,12 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {
 		runErr = errors.Join(runErr, err)
+	}
+	if fo != nil {
+		// The agent stops before the volume it drives.
+		if err := fo.Close(); err != nil {
+			runErr = errors.Join(runErr, err)
+		}
 	}
 	if err := vol.Close(); err != nil {
 		runErr = errors.Join(runErr, err)
