@@ -48,7 +48,7 @@ func runVM(t *testing.T, script string) vmResult {
 		t.Fatalf("static build of mirrord: %v", err)
 	}
 	start := time.Now()
-	out, err := vmCommand(bin, script).CombinedOutput()
+	out, err := vmCommand(bin, script, nil).CombinedOutput()
 	t.Logf("VM %s: %v", script, time.Since(start).Round(time.Second))
 	if err != nil {
 		t.Fatalf("scripts/vm/run.sh %s: %v\n%s", script, err, out)
@@ -57,10 +57,11 @@ func runVM(t *testing.T, script string) vmResult {
 }
 
 // vmCommand is scripts/vm/run.sh booting testdata/vm/script with the
-// static mirrord; opts go before the script.
-func vmCommand(bin, script string, opts ...string) *exec.Cmd {
+// static mirrord, lib.sh and files in /test; opts go before the script.
+func vmCommand(bin, script string, files []string, opts ...string) *exec.Cmd {
 	args := append([]string{"-m", "768", "-t", "300"}, opts...)
 	args = append(args, filepath.Join("testdata", "vm", script), bin, filepath.Join("testdata", "vm", "lib.sh"))
+	args = append(args, files...)
 	return exec.Command("../scripts/vm/run.sh", args...)
 }
 
@@ -158,13 +159,11 @@ func TestKernelDeviceRestart(t *testing.T) {
 }
 
 // TestKernelDeviceSiteLoss: two VMs on one emulated segment, a synchronous
-// pair. Site A is Primary with ext4 mounted on /dev/nbd0 and a writer
-// logging each fsync'd file; its qemu is killed (site loss). Site B sees
-// the peer gone, is promoted, attaches /dev/nbd0, and every file A logged
-// is there with its checksum; e2fsck finds the file system clean.
-//
-// The promotion is the operator's here (mirrord promote); the failover
-// agent would do the same after winning the witness's vote.
+// pair with failover agents and a witness on the host. Site A is Primary
+// with ext4 mounted on /dev/nbd0 and a writer logging each fsync'd file;
+// its qemu is killed (site loss). B's agent wins the witness's vote and
+// promotes it, /dev/nbd0 comes up as its first resource, and every file A
+// logged is there with its checksum; e2fsck finds the file system clean.
 func TestKernelDeviceSiteLoss(t *testing.T) {
 	t.Parallel()
 	bin, err := staticMirrord()
@@ -173,9 +172,34 @@ func TestKernelDeviceSiteLoss(t *testing.T) {
 	}
 	start := time.Now()
 	dir := t.TempDir()
+	// The witness runs on the host; each VM reaches it through its second
+	// NIC (user networking, the host's loopback at 10.0.2.2).
+	wit := freeUDPAddr(t)
+	files := []string{filepath.Join(dir, "witness.addr"), filepath.Join(dir, "witness.secret")}
+	_, port, _ := strings.Cut(wit, ":")
+	if err := os.WriteFile(files[0], []byte("10.0.2.2:"+port+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(files[1], []byte("vm-site-loss-witness-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	witLog, err := os.Create(filepath.Join(dir, "witness.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer witLog.Close()
+	w := exec.Command(mirrordBin, "witness", "--log-format", "json", "--secret-file", files[1],
+		"--listen", wit, "--state-dir", filepath.Join(dir, "witness-state"))
+	w.Env = childEnv(nil)
+	w.Stdout, w.Stderr = witLog, witLog
+	if err := w.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = w.Process.Kill(); _ = w.Wait() }()
+
 	seg := freeTCPAddr(t)
 	pidA := filepath.Join(dir, "a.pid")
-	a := vmCommand(bin, "site-a.sh", "-i", "10.0.2.21", "-n", "socket,listen="+seg, "-p", pidA)
+	a := vmCommand(bin, "site-a.sh", files, "-u", "-i", "10.0.3.21", "-n", "socket,listen="+seg, "-p", pidA)
 	aOut, err := a.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -191,7 +215,7 @@ func TestKernelDeviceSiteLoss(t *testing.T) {
 		return err == nil && len(strings.TrimSpace(string(b))) > 0
 	})
 	var bConsole strings.Builder
-	b := vmCommand(bin, "site-b.sh", "-i", "10.0.2.22", "-n", "socket,connect="+seg)
+	b := vmCommand(bin, "site-b.sh", files, "-u", "-i", "10.0.3.22", "-n", "socket,connect="+seg)
 	b.Stdout, b.Stderr = &bConsole, &bConsole
 	if err := b.Start(); err != nil {
 		t.Fatal(err)
@@ -233,7 +257,8 @@ func TestKernelDeviceSiteLoss(t *testing.T) {
 	}
 	t.Logf("site loss: A killed after %v with %d files logged; B done at %v", killedAt.Round(time.Second), len(logged), time.Since(start).Round(time.Second))
 	if err != nil {
-		t.Fatalf("site B: %v\n%s", err, bConsole.String())
+		wl, _ := os.ReadFile(witLog.Name())
+		t.Fatalf("site B: %v\n%s\nwitness log:\n%s", err, bConsole.String(), wl)
 	}
 	r := parseVM(bConsole.String())
 	r.want(t, "promoted", "")

@@ -10,6 +10,8 @@
 #                has user networking, where the host's loopback is 10.0.2.2
 #   -b           boot the bench image (adds fio, nbd-client, nbdkit)
 #   -p FILE      write qemu's pid to FILE (kill -9 it for a site loss)
+#   -u           a second NIC (eth1) on user networking, 10.0.2.15, so a VM
+#                on a -n segment still reaches the host at 10.0.2.2
 #
 # The NIC's MAC address ends in the address's last byte, so VMs joined on
 # one segment (-n socket,listen=... / -n socket,connect=...) differ.
@@ -21,16 +23,16 @@
 # died without reporting one (killed, say).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mem=512 cpus=1 limit=300 ip=10.0.2.15 netdev=user bench= pidfile=
-while getopts m:c:t:i:n:bp: o; do
+mem=512 cpus=1 limit=300 ip=10.0.2.15 netdev=user bench= pidfile= usernic=
+while getopts m:c:t:i:n:bp:u o; do
 	case $o in
 	m) mem=$OPTARG ;; c) cpus=$OPTARG ;; t) limit=$OPTARG ;;
-	i) ip=$OPTARG ;; n) netdev=$OPTARG ;; b) bench=--bench ;; p) pidfile=$OPTARG ;;
-	*) sed -n '2,23p' "$0" >&2; exit 2 ;;
+	i) ip=$OPTARG ;; n) netdev=$OPTARG ;; b) bench=--bench ;; p) pidfile=$OPTARG ;; u) usernic=1 ;;
+	*) sed -n '2,25p' "$0" >&2; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n '2,23p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,25p' "$0" >&2; exit 2; }
 command -v qemu-system-x86_64 >/dev/null || { echo "run.sh: qemu-system-x86_64 is missing (scripts/deps.sh test)" >&2; exit 1; }
 img=$("$here/initrd.sh" $bench)
 
@@ -54,7 +56,8 @@ timeout --foreground "$limit" qemu-system-x86_64 -accel tcg -m "$mem" -smp "$cpu
 	-display none -monitor none -serial stdio -no-reboot \
 	-kernel "$img/vmlinuz" -initrd "$w/initrd" \
 	-append "console=ttyS0 quiet panic=-1 mirrord.ip=$ip" \
-	-netdev "$netdev,id=n0" -device e1000,netdev=n0,mac="$mac" ${pidfile:+-pidfile "$pidfile"} </dev/null | tee "$w/console"
+	-netdev "$netdev,id=n0" -device e1000,netdev=n0,mac="$mac" ${pidfile:+-pidfile "$pidfile"} \
+	${usernic:+-netdev user,id=n1 -device e1000,netdev=n1} </dev/null | tee "$w/console"
 rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" = 124 ] && { echo "run.sh: VM killed after ${limit}s" >&2; exit 124; }

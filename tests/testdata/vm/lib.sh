@@ -38,13 +38,19 @@ sums_ok() {
 }
 
 # pair_config NODE PEER ADDR PEER-ADDR: the volume of one node of a
-# synchronous pair, with /dev/nbd0 while Primary.
+# synchronous pair, with /dev/nbd0 while Primary and the failover agent
+# voting through the witness named in /test/witness.addr (the host's, at
+# 10.0.2.2), with the secret in /test/witness.secret.
 pair_config() {
 	cat >/etc/mirrord/vol0.yaml <<YAML
 node: {name: $1}
 volume: {name: vol0, path: /var/lib/mirrord/vol0.img, size: 128MiB}
 nbd: {device: /dev/nbd0, device-timeout: 10s}
-peer: {node: $2, listen: $3:7788, address: $4:7788, secret: vm-site-test, mode: sync}
+peer: {node: $2, listen: $3:7788, address: $4:7788, secret: vm-site-test, mode: sync, timeout: 3s, ping-interval: 500ms}
+failover:
+  enabled: true
+  witness: "$(cat /test/witness.addr)"
+  witness-secret-file: /test/witness.secret
 YAML
 }
 
