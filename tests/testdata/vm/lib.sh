@@ -54,5 +54,13 @@ failover:
 YAML
 }
 
+# run_node: starts mirrord with the pair config; alive fails the run once
+# it has exited.
+run_node() {
+	mirrord run -c /etc/mirrord/vol0.yaml 2>/tmp/v/log &
+	mpid=$!
+}
+alive() { kill -0 $mpid || fail "mirrord exited"; }
+
 # status: mirrord status --json on one line without spaces, for grep.
 status() { mirrord status --json "$@" 2>/dev/null | tr -d ' \n'; }

@@ -5,10 +5,9 @@
 set -u
 . /test/lib.sh
 pair_config alpha beta 10.0.3.21 10.0.3.22
-mirrord run -c /etc/mirrord/vol0.yaml 2>/tmp/v/log &
-mpid=$!
+run_node
 established() {
-	kill -0 $mpid || fail "mirrord exited"
+	alive
 	status | grep -q '"replication":"Established"'
 }
 poll 1800 established || fail "no replication with beta"

@@ -6,10 +6,9 @@
 set -u
 . /test/lib.sh
 pair_config beta alpha 10.0.3.22 10.0.3.21
-mirrord run -c /etc/mirrord/vol0.yaml 2>/tmp/v/log &
-mpid=$!
+run_node
 peer_primary() {
-	kill -0 $mpid || fail "mirrord exited"
+	alive
 	status | grep -q '"peer_role":"Primary"'
 }
 poll 2400 peer_primary || fail "alpha never became Primary"
