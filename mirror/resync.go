@@ -195,6 +195,11 @@ func (s *session) runResync() {
 				return
 			}
 		}
+		// On a capped link resync keeps to its share while live writes
+		// flow, so that they are not queued behind resync data.
+		if err := s.l.shaper.waitResync(ctx, n); err != nil {
+			return
+		}
 		if !s.sendResync(off, n) {
 			return
 		}
