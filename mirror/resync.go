@@ -438,6 +438,7 @@ func (s *session) digestReq(f wan.Frame) error {
 }
 
 func (s *session) digestReply(f wan.Frame) {
+	s.lastAck.Store(time.Now().UnixNano())
 	s.qmu.Lock()
 	e := s.tl[f.Seq]
 	delete(s.tl, f.Seq)

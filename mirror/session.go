@@ -50,6 +50,7 @@ type session struct {
 	failOnce sync.Once
 
 	lastRecv       atomic.Int64 // unix nanos
+	lastAck        atomic.Int64 // unix nanos of the last acknowledgement (progress)
 	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
@@ -190,6 +191,7 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	}
 	s.repl = role
 	s.lastRecv.Store(time.Now().UnixNano())
+	s.lastAck.Store(s.lastRecv.Load())
 	if role == ReplSyncSource {
 		s.resync.start(v.dirty.DirtyBytes())
 	}
@@ -476,7 +478,10 @@ func (s *session) watchdog() {
 			s.fail(fmt.Errorf("peer silent for %v (timeout %v)", silent.Round(time.Millisecond), s.l.cfg.Timeout))
 			return
 		}
-		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout {
+		// A request waits long when the link is slow (a bandwidth cap, a
+		// WAN) and much is queued ahead of it; the peer is lost only when
+		// acknowledgements stopped coming too.
+		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout && now.Sub(time.Unix(0, s.lastAck.Load())) > s.l.cfg.Timeout {
 			s.fail(fmt.Errorf("peer left a request unacknowledged for %v (timeout %v)", now.Sub(oldest).Round(time.Millisecond), s.l.cfg.Timeout))
 			return
 		}
@@ -650,6 +655,7 @@ func (s *session) handle(f wan.Frame) error {
 
 // acked retires a transfer-log entry.
 func (s *session) acked(seq uint64, errno uint32) {
+	s.lastAck.Store(time.Now().UnixNano())
 	s.qmu.Lock()
 	e := s.tl[seq]
 	delete(s.tl, seq)

@@ -21,6 +21,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/wanproxy"
 )
 
 // Helpers for the two-node tests (mirror_*_test.go): a pair of real mirrord
@@ -326,12 +328,16 @@ type pairOptions struct {
 	betaSize          string // beta's volume size, if different
 	// linkLatency delays the replication link each way.
 	linkLatency time.Duration
+	// wan, if set, puts an emulated WAN (internal/wanproxy) in the link
+	// instead of the plain proxy; its Target is filled in.
+	wan *wanproxy.Config
 }
 
 // mirrorPair is alpha (dials, through the proxy) and beta (listens).
 type mirrorPair struct {
 	alpha, beta *mirrorNode
-	proxy       *linkProxy
+	proxy       *linkProxy      // nil with pairOptions.wan
+	wan         *wanproxy.Proxy // set with pairOptions.wan
 	size        int64
 }
 
@@ -353,7 +359,22 @@ func startPair(t *testing.T, o pairOptions) *mirrorPair {
 	// and a second "free" port could be handed out twice (to alpha and to
 	// the proxy) between being probed and being bound.
 	betaListen := freeTCPAddr(t)
-	pr := newLinkProxy(t, betaListen, o.linkLatency)
+	var pr *linkProxy
+	var wp *wanproxy.Proxy
+	var dial string
+	if o.wan != nil {
+		cfg := *o.wan
+		cfg.Target = betaListen
+		var err error
+		if wp, err = wanproxy.Start(cfg); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = wp.Close() })
+		dial = wp.Addr()
+	} else {
+		pr = newLinkProxy(t, betaListen, o.linkLatency)
+		dial = pr.addr()
+	}
 	common := func(name, peer string) []string {
 		return []string{
 			"node.name=" + name, "volume.name=vol0", "peer.node=" + peer,
@@ -364,8 +385,8 @@ func startPair(t *testing.T, o pairOptions) *mirrorPair {
 	beta := newMirrorNode(t, "beta", append(append(common("beta", "alpha"),
 		"peer.listen="+betaListen), o.betaSet...), cmpOr(o.betaSize, o.size))
 	alpha := newMirrorNode(t, "alpha", append(append(common("alpha", "beta"),
-		"peer.address="+pr.addr()), o.alphaSet...), o.size)
-	return &mirrorPair{alpha: alpha, beta: beta, proxy: pr, size: size << 20}
+		"peer.address="+dial), o.alphaSet...), o.size)
+	return &mirrorPair{alpha: alpha, beta: beta, proxy: pr, wan: wp, size: size << 20}
 }
 
 func cmpOr(a, b string) string {
