@@ -555,7 +555,9 @@ func (s *session) reserve(n int64) bool {
 			s.epoch.Add(1)
 			s.repl = ReplAhead
 			s.l.log.Warn().Int64("unacked_bytes", s.unacked).Msg("async window full: Ahead, tracking writes in the bitmap")
-			go s.v.ev.emit("peer", s.v.Status())
+			// Status takes qmu, held here: it must run on the new
+			// goroutine (go f(x) evaluates x here).
+			go func() { s.v.ev.emit("peer", s.v.Status()) }()
 		}
 		return false
 	}
