@@ -7,10 +7,11 @@ declare -A pkg=(
 	[fusermount3]=fuse3 [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [losetup]=mount
 	[fio]=fio [nbdkit]=nbdkit [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
 	[qemu-storage-daemon]=qemu-system-common [python3]=python3 [nft]=nftables [ip]=iproute2
+	[etcd]=etcd-server
 )
 case "${1:-test}" in
 demo) tools=(nbdfuse fusermount3 mkfs.ext4 e2fsck losetup) ;;
-test) tools=(nbdfuse nbdinfo nbdcopy fusermount3 mkfs.ext4 e2fsck losetup fio nbdkit qemu-io qemu-nbd python3) ;;
+test) tools=(nbdfuse nbdinfo nbdcopy fusermount3 mkfs.ext4 e2fsck losetup fio nbdkit qemu-io qemu-nbd python3 etcd) ;;
 bench) tools=(fio nbdkit qemu-nbd qemu-storage-daemon python3) ;;
 *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac

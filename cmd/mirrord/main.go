@@ -36,6 +36,7 @@ Usage:
   mirrord discard-my-data                            resolve a split brain against this node
   mirrord set KEY VALUE                              change peer.rate-limit or peer.resync-share now
   mirrord keygen --out DIR --nodes a,b               make a pair's TLS CA, certificates and keys
+  mirrord witness --secret-file FILE [--listen ADDR] run the third vote (on a third host)
   mirrord version                                    print the version
 
 Run 'mirrord COMMAND --help' for a command's flags.
@@ -71,6 +72,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdSet(args[1:], stdout)
 	case "promote", "demote", "connect", "disconnect", "discard-my-data":
 		err = cmdSimple(args[0], args[1:], stdout)
+	case "witness":
+		err = cmdWitness(args[1:])
 	case "version", "--version":
 		fmt.Fprintln(stdout, versionString())
 	case "help", "-h", "--help":
