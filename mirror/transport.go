@@ -199,8 +199,11 @@ type meter struct {
 
 const meterSpan = 3
 
-func (m *meter) add(n int) {
-	now := time.Now().Unix()
+func (m *meter) add(n int) { m.addAt(n, time.Now().Unix()) }
+
+func (m *meter) rate() float64 { return m.rateAt(time.Now().Unix()) }
+
+func (m *meter) addAt(n int, now int64) {
 	i := now % int64(len(m.sec))
 	m.mu.Lock()
 	if m.sec[i] != now {
@@ -210,9 +213,8 @@ func (m *meter) add(n int) {
 	m.mu.Unlock()
 }
 
-// rate returns bytes/s over the last meterSpan complete seconds.
-func (m *meter) rate() float64 {
-	now := time.Now().Unix()
+// rateAt returns bytes/s over the meterSpan complete seconds before now.
+func (m *meter) rateAt(now int64) float64 {
 	var sum int64
 	m.mu.Lock()
 	for i := range m.sec {
