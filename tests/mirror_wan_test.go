@@ -272,16 +272,24 @@ func textData(n int, seed uint64) []byte {
 // writeRegion writes data at off in requests of chunk bytes.
 func (n *mirrorNode) writeRegion(off int64, data []byte, chunk int) {
 	n.t.Helper()
+	if err := n.writeRegionErr(off, data, chunk); err != nil {
+		n.t.Fatal(err)
+	}
+}
+
+// writeRegionErr is writeRegion for a goroutine of the test: it returns the error.
+func (n *mirrorNode) writeRegionErr(off int64, data []byte, chunk int) error {
 	c, err := dialNBD("unix", n.sock, "vol0")
 	if err != nil {
-		n.t.Fatal(err)
+		return fmt.Errorf("%s: %w", n.name, err)
 	}
 	defer func() { _ = c.disconnect() }()
 	for i := 0; i < len(data); i += chunk {
 		if err := c.mustWrite(uint64(off)+uint64(i), data[i:min(i+chunk, len(data))], 0); err != nil {
-			n.t.Fatalf("%s: write at %d: %v", n.name, off+int64(i), err)
+			return fmt.Errorf("%s: write at %d: %w", n.name, off+int64(i), err)
 		}
 	}
+	return nil
 }
 
 // TestWANAsyncTLSZstd: async replication over 50 ms RTT and 100 Mbit/s with TLS
@@ -347,13 +355,17 @@ func TestWANRateLimit(t *testing.T) {
 	measure := func(what string, bytesPerS float64, size int, off int64) {
 		t.Helper()
 		up0, _ := pr.wan.Delivered()
-		go pr.alpha.writeRegion(off, random(size, uint64(off)), 1<<20) // async: completes ahead of the link
+		written := make(chan error, 1)
+		go func() { written <- pr.alpha.writeRegionErr(off, random(size, uint64(off)), 1<<20) }() // async: ahead of the link
 		waitFor(t, stateTimeout, "data flowing", func() bool { u, _ := pr.wan.Delivered(); return u > up0+int64(bytesPerS)/2 })
 		u1, _ := pr.wan.Delivered()
 		t1 := time.Now()
 		waitFor(t, stateTimeout, "two seconds of transfer", func() bool { return time.Since(t1) >= 2*time.Second })
 		u2, _ := pr.wan.Delivered()
 		got := float64(u2-u1) / time.Since(t1).Seconds()
+		if err := <-written; err != nil {
+			t.Fatal(err)
+		}
 		t.Logf("%s: %.2f MB/s on the wire, cap %.2f MB/s", what, got/1e6, bytesPerS/1e6)
 		if got < 0.7*bytesPerS || got > 1.2*bytesPerS {
 			t.Fatalf("%s: %.2f MB/s on the wire, want the cap %.2f MB/s within -30%%/+20%%", what, got/1e6, bytesPerS/1e6)
