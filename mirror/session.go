@@ -600,6 +600,9 @@ func (s *session) recvLoop() {
 	for {
 		f, err := s.r.ReadFrame()
 		if err != nil {
+			if s.l.cfg.TLS != nil {
+				err = wan.StreamError(err)
+			}
 			s.fail(fmt.Errorf("receive: %w", err))
 			return
 		}

@@ -124,7 +124,7 @@ func TestWANTamperedStreamRejected(t *testing.T) {
 	waitAcks(t, h, 200)
 	armed.Store(true)
 	waitFor(t, stateTimeout, "beta to drop the tampered connection", func() bool {
-		return pr.beta.logCount("peer disconnected", "bad record MAC") > 0
+		return pr.beta.logCount("peer disconnected", "TLS record rejected (altered or corrupted in transit)", "bad record MAC") > 0
 	})
 	t.Logf("flipped the byte at offset %d of the TLS stream", flippedAt.Load())
 	w.finishWithPass()

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"time"
 )
@@ -36,6 +37,11 @@ var ErrPeerCert = errors.New("wan: peer certificate names another node")
 
 // ErrTLSMismatch means one side speaks TLS and the other plaintext.
 var ErrTLSMismatch = errors.New("wan: TLS on one side of the link only")
+
+// ErrTLSRejected means this side's TLS refused a record of an established
+// stream: a bad record MAC is a stream altered (or corrupted) in transit. Nothing
+// of the refused record reaches the caller.
+var ErrTLSRejected = errors.New("wan: TLS record rejected (altered or corrupted in transit); connection dropped")
 
 // tlsExporterLabel labels the keying material the handshake MACs bind to.
 const tlsExporterLabel = "EXPORTER-mirrord-auth-v1"
@@ -99,6 +105,16 @@ func TLSError(err error) error {
 	var rh tls.RecordHeaderError
 	if errors.As(err, &rh) {
 		return fmt.Errorf("%w: the peer did not answer in TLS (is peer.tls enabled on it?): %v", ErrTLSMismatch, err)
+	}
+	return err
+}
+
+// StreamError explains a read error on an established TLS stream: an alert this
+// side raised (Go reports those as a net.OpError with Op "local error") is
+// ErrTLSRejected. Other errors are returned as they are.
+func StreamError(err error) error {
+	if op, ok := errors.AsType[*net.OpError](err); ok && op.Op == "local error" {
+		return fmt.Errorf("%w: %v", ErrTLSRejected, err)
 	}
 	return err
 }
