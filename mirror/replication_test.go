@@ -59,6 +59,11 @@ type pairOpts struct {
 	volumeB    string
 	sizeB      int64
 	resyncRate int64
+	// fenceA opens node a as a failover agent would
+	// (FencePromotions, HoldOnDisconnect).
+	fenceA bool
+	// beaconB receives node b's FrameBeacon payloads.
+	beaconB func([]byte)
 }
 
 type node struct {
@@ -88,6 +93,11 @@ func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
 		pc.Timeout, pc.PingInterval, pc.ConnectRetry = 5*time.Second, 200*time.Millisecond, 50*time.Millisecond
 		pc.ResyncMaxRate = po.resyncRate
 		n := &node{dir: dir, opts: Options{Name: vol, Node: name, Size: size, MetaPath: filepath.Join(dir, "disk.meta"), Peer: &pc, Log: log}}
+		n.opts.FencePromotions = po.fenceA && name == "a"
+		n.opts.HoldOnDisconnect = n.opts.FencePromotions
+		if name == "b" {
+			n.opts.OnBeacon = po.beaconB
+		}
 		n.reopen(t)
 		return n
 	}

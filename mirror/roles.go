@@ -183,6 +183,7 @@ func (v *Volume) Promote(o PromoteOptions) error {
 		return nil
 	}
 	if v.meta == nil {
+		v.promoteFence()
 		v.role.Store(uint32(RolePrimary))
 		return nil
 	}
@@ -217,6 +218,7 @@ func (v *Volume) Promote(o PromoteOptions) error {
 		return err
 	}
 	v.disk.Store(uint32(v.meta.snapshot().disk))
+	v.promoteFence()
 	v.role.Store(uint32(RolePrimary))
 	v.log.Info().Bool("force", o.Force).Str("gen", genString(v.meta.snapshot().gen)).Msg("promoted to Primary")
 	if s != nil {
@@ -250,6 +252,7 @@ func (v *Volume) Demote() error {
 		return err
 	}
 	v.role.Store(uint32(RoleSecondary))
+	v.wakeFenced() // held writes fail now
 	v.log.Info().Msg("demoted to Secondary")
 	if v.link != nil {
 		if s := v.link.current(); s != nil {

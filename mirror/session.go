@@ -289,6 +289,7 @@ func (s *session) errString() string {
 // so that the loops themselves may call it.
 func (s *session) fail(err error) {
 	s.failOnce.Do(func() {
+		s.v.sessionDropped() // before any write learns the peer is gone
 		s.qmu.Lock()
 		s.closed = true
 		s.err = err
@@ -650,6 +651,10 @@ func (s *session) handle(f wan.Frame) error {
 			return err
 		}
 		s.peerState(st)
+	case wan.FrameBeacon:
+		if s.v.onBeacon != nil {
+			s.v.onBeacon(f.Payload)
+		}
 	case wan.FrameClose:
 		return fmt.Errorf("peer closed: %s", f.Payload)
 	default:

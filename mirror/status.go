@@ -15,6 +15,9 @@ type Status struct {
 	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
 	Generations    string      `json:"generations,omitempty"`
 	Peer           *PeerStatus `json:"peer,omitempty"`
+	// Fence is the failover agent's write fence: suspend or error ("" when
+	// writes pass).
+	Fence string `json:"fence,omitempty"`
 }
 
 // PeerStatus describes the replication link.
@@ -64,6 +67,9 @@ func (v *Volume) Status() Status {
 	st := Status{
 		Volume: v.name, Node: v.node, Role: v.Role().String(), Disk: v.Disk().String(),
 		SizeBytes: v.size, OutOfSyncBytes: v.dirty.DirtyBytes(),
+	}
+	if m := FenceMode(v.fc.mode.Load()); m != Unfenced {
+		st.Fence = m.String()
 	}
 	if v.meta != nil {
 		st.Generations = genString(v.meta.snapshot().gen)

@@ -48,6 +48,19 @@ type Options struct {
 	// Peer, when set, replicates to one peer.
 	Peer *PeerConfig
 	Log  zerolog.Logger
+	// FencePromotions leaves every promotion fenced (writes held): a
+	// failover agent unfences the volume once it knows this node is the
+	// only Primary.
+	FencePromotions bool
+	// HoldOnDisconnect fences a Primary (writes held) the moment its
+	// replication session drops, before any write the peer lacks is
+	// acknowledged; the failover agent lifts it once the witness has
+	// recorded the peer outdated (sync mode with a witness).
+	HoldOnDisconnect bool
+	// OnBeacon receives the failover agent's messages that arrive over
+	// the replication link (FrameBeacon). It is called from the session's
+	// receive loop and must not block; p is not retained by the caller.
+	OnBeacon func(p []byte)
 }
 
 // Volume is the local copy of a mirrored block device. It implements the
@@ -79,6 +92,9 @@ type Volume struct {
 	role     atomic.Uint32 // Role
 	disk     atomic.Uint32 // DiskState
 	pristine atomic.Bool   // created zero-filled by us and never written
+	fc       fence         // the failover agent's write fence
+	fencePro bool          // Options.FencePromotions
+	onBeacon func([]byte)  // Options.OnBeacon
 
 	closed atomic.Bool
 }
@@ -106,7 +122,10 @@ func Open(path string, opts Options) (*Volume, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open backing store: %w", err)
 	}
-	v := &Volume{name: opts.Name, node: opts.Node, path: path, f: f, fd: int(f.Fd()), log: opts.Log}
+	v := &Volume{name: opts.Name, node: opts.Node, path: path, f: f, fd: int(f.Fd()), log: opts.Log,
+		fencePro: opts.FencePromotions, onBeacon: opts.OnBeacon}
+	v.fc.cond.L = &v.fc.mu
+	v.fc.holdOnDrop = opts.HoldOnDisconnect
 	fail := func(err error) (*Volume, error) {
 		if v.meta != nil {
 			_ = v.meta.close()
@@ -304,9 +323,10 @@ const (
 
 // LocalOnly reports that reads and writes never wait on the network: a
 // standalone volume, or an async one that does not suspend I/O while its
-// peer is away. (nbd serves such requests without a goroutine hand-off.)
+// peer is away, and no failover agent may hold its writes. (nbd serves
+// such requests without a goroutine hand-off.)
 func (v *Volume) LocalOnly() bool {
-	return v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO)
+	return !v.fencePro && (v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO))
 }
 
 // WriteAt writes p at off; with fua the data is on stable storage (on both
@@ -327,6 +347,24 @@ func (v *Volume) WriteZeroes(off, length int64, mayUnmap, fua bool) error {
 }
 
 func (v *Volume) modify(o op) error {
+	// One atomic load when unfenced: this is the hottest path. A write
+	// that finds the fence set waits outside the gate, so that Demote
+	// (which takes the gate) can fail it.
+	if v.fc.mode.Load() != uint32(Unfenced) {
+		if err := v.fenced(); err != nil {
+			return err
+		}
+	}
+	err := v.modifyGated(o)
+	if err == nil && v.fc.mode.Load() != uint32(Unfenced) {
+		// Fenced while the write was in flight: it is not acknowledged
+		// until the fence lifts (or it fails).
+		err = v.fenced()
+	}
+	return err
+}
+
+func (v *Volume) modifyGated(o op) error {
 	v.gate.RLock()
 	defer v.gate.RUnlock()
 	if v.closed.Load() {
@@ -479,6 +517,8 @@ func (v *Volume) Close() error {
 		errs = append(errs, v.meta.close())
 	}
 	errs = append(errs, v.f.Close())
+	v.DisarmWatchdog()
+	v.wakeFenced()
 	v.ev.close()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close %s: %w", v.path, err)

@@ -11,7 +11,7 @@ declare -A pkg=(
 )
 case "${1:-test}" in
 demo) tools=(nbdfuse fusermount3 mkfs.ext4 e2fsck losetup) ;;
-test) tools=(nbdfuse nbdinfo nbdcopy fusermount3 mkfs.ext4 e2fsck losetup fio nbdkit qemu-io qemu-nbd python3 etcd) ;;
+test) tools=(nbdfuse nbdinfo nbdcopy fusermount3 mkfs.ext4 e2fsck losetup fio nbdkit qemu-io qemu-nbd python3 etcd nft ip) ;;
 bench) tools=(fio nbdkit qemu-nbd qemu-storage-daemon python3) ;;
 *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac

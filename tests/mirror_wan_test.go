@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -142,24 +141,6 @@ func TestWANTamperedStreamRejected(t *testing.T) {
 	t.Logf("replicas identical (sha256 %s)", sum)
 }
 
-// lockedBuffer is a bytes.Buffer a filter goroutine writes while a test reads.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.b.Bytes())
-}
-
 // TestWANReplayRejected records the Primary's whole stream of one session and
 // plays it back to the target on a new connection: the target refuses it in
 // the TLS handshake, and its disk does not change.
@@ -174,7 +155,7 @@ func TestWANReplayRejected(t *testing.T) {
 	pr.beta.waitDisconnected()
 	before := pr.beta.fileHash(pr.size)
 	refusedBefore := pr.beta.logCount("peer connection refused")
-	stream := rec.bytes()
+	stream := []byte(rec.String())
 	if len(stream) < 256*mirrorBlock/4 {
 		t.Fatalf("recorded only %d bytes of the session", len(stream))
 	}

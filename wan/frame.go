@@ -76,6 +76,11 @@ const (
 	FrameState      FrameType = 14 // payload = StateUpdate (binary)
 	FrameClose      FrameType = 15 // payload = UTF-8 reason; the sender closes after it
 	FrameResyncDone FrameType = 16 // Seq; payload = Generations (binary) the target adopts
+	// FrameBeacon carries the failover agent's heartbeat (an opaque,
+	// self-authenticated message of package failover/agent) over the
+	// replication link, one of the agent's heartbeat paths. Numbers 17-23 are
+	// left to the replication protocol's own growth.
+	FrameBeacon FrameType = 24 // payload: agent message, opaque here
 )
 
 // Frame flags.
@@ -168,9 +173,14 @@ var rules = [...]rule{
 	FrameState:      {name: "State", max: MaxControl, fixed: stateUpdateSize},
 	FrameClose:      {name: "Close", max: MaxControl, fixed: -1},
 	FrameResyncDone: {name: "ResyncDone", max: MaxControl, fixed: generationsSize},
+	FrameBeacon:     {name: "Beacon", max: MaxBeacon, fixed: -1},
 }
 
-func (t FrameType) known() bool { return t != 0 && int(t) < len(rules) }
+// MaxBeacon bounds a FrameBeacon payload: an agent message is a few hundred
+// bytes.
+const MaxBeacon = 1 << 10
+
+func (t FrameType) known() bool { return t != 0 && int(t) < len(rules) && rules[t].name != "" }
 
 // String returns the type's name as used in this package, without the Frame prefix.
 func (t FrameType) String() string {

@@ -93,6 +93,12 @@ func humanStatus(st statusReply) string {
 			fmt.Fprintf(&b, "    last:%s\n", p.Reason)
 		}
 	}
+	if st.Fence != "" {
+		fmt.Fprintf(&b, "  fence:%s (writes are not acknowledged)\n", st.Fence)
+	}
+	if st.Failover != nil {
+		b.WriteString(humanFailover(st.Failover))
+	}
 	return b.String()
 }
 
@@ -194,9 +200,10 @@ func cmdSimple(verb string, args []string, stdout io.Writer) error {
 	fs := newFlagSet(verb)
 	var a adminFlags
 	a.register(fs)
-	force := false
+	force, accept := false, false
 	if verb == "promote" {
-		fs.BoolVar(&force, "force", false, "promote a disk that is not UpToDate (accepts data loss)")
+		fs.BoolVar(&force, "force", false, "promote a disk that is not UpToDate; with failover: the panic button, promote regardless of quorum")
+		fs.BoolVar(&accept, "i-accept-data-loss", false, "with --force and failover: acknowledge that writes the peer acknowledged may be lost")
 	}
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -208,9 +215,27 @@ func cmdSimple(verb string, args []string, stdout io.Writer) error {
 	path := "/" + verb
 	if force {
 		path += "?force=1"
+		if accept {
+			path += "&accept-data-loss=1"
+		}
+	}
+	var raw json.RawMessage
+	if err := c.call("POST", path, &raw); err != nil {
+		if force && !accept {
+			return fmt.Errorf("%w\n(with failover the panic button needs --i-accept-data-loss: read what may be lost above first)", err)
+		}
+		return err
+	}
+	var r commandReply
+	if json.Unmarshal(raw, &r) == nil && len(r.Decisions) > 0 {
+		// The failover agent answered the panic button.
+		for _, d := range r.Decisions {
+			fmt.Fprintf(stdout, "%s: %s\n", d.Kind, d.Cause)
+		}
+		return nil
 	}
 	var st mirror.Status
-	if err := c.call("POST", path, &st); err != nil {
+	if err := json.Unmarshal(raw, &st); err != nil {
 		return err
 	}
 	fmt.Fprint(stdout, humanStatus(statusReply{Status: st}))

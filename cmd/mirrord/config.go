@@ -32,6 +32,8 @@ type Config struct {
 	Peer    PeerConfig    `mapstructure:"peer"`
 	Control ControlConfig `mapstructure:"control"`
 	Log     LogConfig     `mapstructure:"log"`
+	// Failover is the failover agent (off unless failover.enabled).
+	Failover FailoverConfig `mapstructure:"failover"`
 }
 
 // NodeConfig names this host.
@@ -171,6 +173,7 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("control.socket", DefaultControl)
 	v.SetDefault("log.level", "info")
 	v.SetDefault("log.format", "auto")
+	setFailoverDefaults(v.SetDefault)
 }
 
 // configKeys lists every valid key, derived from the struct tags so that the
@@ -309,6 +312,7 @@ func (c *Config) validate() error {
 		bad("control.socket", "must be set")
 	}
 	c.validatePeer(bad)
+	c.validateFailover(bad)
 	if len(c.NBD.Listen) == 0 {
 		bad("nbd.listen", "needs at least one address")
 	}

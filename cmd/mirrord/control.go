@@ -17,6 +17,8 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/mirrord/mirrord/failover"
+	"github.com/mirrord/mirrord/failover/agent"
 	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
 )
@@ -29,25 +31,55 @@ import (
 type statusReply struct {
 	mirror.Status
 	NBD nbd.Stats `json:"nbd"`
+	// Failover is the agent's state (absent when failover is off).
+	Failover *failoverView `json:"failover,omitempty"`
 }
 
 type controlServer struct {
-	vol *mirror.Volume
-	srv *nbd.Server
-	log zerolog.Logger
+	vol   *mirror.Volume
+	srv   *nbd.Server
+	log   zerolog.Logger
+	agent *agent.Agent // nil: failover off
+}
+
+func (c *controlServer) status() statusReply {
+	st := statusReply{Status: c.vol.Status(), NBD: c.srv.Stats()}
+	if c.agent != nil {
+		st.Failover = viewFailover(c.agent.Status())
+	}
+	return st
 }
 
 func (c *controlServer) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, statusReply{Status: c.vol.Status(), NBD: c.srv.Stats()})
+		writeJSON(w, http.StatusOK, c.status())
 	})
+	c.failoverHandlers(mux)
 	mux.HandleFunc("GET /events", c.events)
 	mux.HandleFunc("POST /promote", func(w http.ResponseWriter, r *http.Request) {
 		force := r.URL.Query().Get("force") == "1"
-		c.act(w, "promote", c.vol.Promote(mirror.PromoteOptions{Force: force}))
+		if force && c.agent != nil {
+			// The panic button goes through the agent, which knows what
+			// may be lost and refuses without the acknowledgement.
+			c.failoverCommand(w, "promote --force", failover.ForcePromote{AcceptDataLoss: r.URL.Query().Get("accept-data-loss") == "1"})
+			return
+		}
+		err := c.vol.Promote(mirror.PromoteOptions{Force: force})
+		if err == nil && c.agent != nil {
+			// The agent unfences once it knows this node is the only
+			// Primary; the resources come up now.
+			err = c.agent.Resources(r.Context(), true)
+		}
+		c.act(w, "promote", err)
 	})
 	mux.HandleFunc("POST /demote", func(w http.ResponseWriter, r *http.Request) {
+		if c.agent != nil {
+			if err := c.agent.Resources(r.Context(), false); err != nil {
+				c.act(w, "demote", err)
+				return
+			}
+		}
 		c.act(w, "demote", c.vol.Demote())
 	})
 	mux.HandleFunc("POST /connect", func(w http.ResponseWriter, r *http.Request) {
@@ -121,10 +153,27 @@ func (c *controlServer) events(w http.ResponseWriter, r *http.Request) {
 	if fl != nil {
 		fl.Flush()
 	}
+	var decisions <-chan failover.Decision
+	if c.agent != nil {
+		d, cancel := c.agent.Subscribe()
+		defer cancel()
+		decisions = d
+	}
 	for {
 		select {
 		case <-r.Context().Done():
 			return
+		case d, ok := <-decisions:
+			if !ok {
+				decisions = nil
+				continue
+			}
+			if enc.Encode(failoverEvent{Time: d.At.UTC(), Type: "failover", Decision: decisionJSON(d)}) != nil {
+				return
+			}
+			if fl != nil {
+				fl.Flush()
+			}
 		case e, ok := <-ch:
 			if !ok {
 				return

@@ -29,13 +29,16 @@ Usage:
   mirrord config [--config FILE] [--set key=value]... print the effective config keys
   mirrord status [--json]                            role, disk, peer, resync progress
   mirrord events                                     stream state changes (JSON lines)
-  mirrord promote [--force]                          make this node Primary
+  mirrord promote [--force [--i-accept-data-loss]]   make this node Primary (with failover: the panic button)
   mirrord demote                                     make this node Secondary
   mirrord verify [--json]                            compare digests with the peer
   mirrord connect | disconnect                       leave / enter StandAlone
   mirrord discard-my-data                            resolve a split brain against this node
   mirrord set KEY VALUE                              change peer.rate-limit or peer.resync-share now
   mirrord keygen --out DIR --nodes a,b               make a pair's TLS CA, certificates and keys
+  mirrord switchover                                 planned role swap with the peer, zero loss (failover)
+  mirrord confirm | deny                             answer the failover agent's announced intent
+  mirrord maintenance on|off                         failover agent watches but never acts
   mirrord witness --secret-file FILE [--listen ADDR] run the third vote (on a third host)
   mirrord version                                    print the version
 
@@ -70,6 +73,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdKeygen(args[1:], stdout)
 	case "set":
 		err = cmdSet(args[1:], stdout)
+	case "switchover", "confirm", "deny", "maintenance":
+		err = cmdFailover(args[0], args[1:], stdout)
 	case "promote", "demote", "connect", "disconnect", "discard-my-data":
 		err = cmdSimple(args[0], args[1:], stdout)
 	case "witness":

@@ -16,6 +16,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/mirrord/mirrord/failover/agent"
 	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
 )
@@ -64,7 +65,9 @@ func run(c *Config, log zerolog.Logger) error {
 	if _, err := os.Stat(c.Volume.Path); size == 0 && os.IsNotExist(err) {
 		size = DefaultVolumeSize
 	}
-	vol, err := mirror.Open(c.Volume.Path, mirror.Options{
+	var foRecv atomicRecv
+	var fo *agent.Agent
+	opts := mirror.Options{
 		Name:       c.Volume.Name,
 		Node:       c.Node.Name,
 		Size:       size,
@@ -73,9 +76,28 @@ func run(c *Config, log zerolog.Logger) error {
 		ALExtents:  c.Volume.ALExtents,
 		Peer:       peer,
 		Log:        log,
-	})
+	}
+	if c.Failover.Enabled {
+		// A promotion stays fenced until the agent knows this node is the
+		// only Primary; in sync mode with a witness, writes are held the
+		// moment replication drops, until the agent decides.
+		opts.FencePromotions = true
+		opts.HoldOnDisconnect = peer.Mode == mirror.ModeSync && (c.Failover.Witness != "" || len(c.Failover.EtcdEndpoints) > 0)
+		opts.OnBeacon = func(b []byte) { foRecv.load()(failoverPathReplication, b) }
+	}
+	vol, err := mirror.Open(c.Volume.Path, opts)
 	if err != nil {
 		return err
+	}
+	if c.Failover.Enabled {
+		fo, err = newFailover(c, vol, peer.Secret, foRecv.load, log)
+		if err != nil {
+			_ = vol.Close()
+			return err
+		}
+		foRecv.store(fo.Receive)
+		fo.Start()
+		defer func() { _ = fo.Close() }()
 	}
 	srv, err := nbd.NewServer(log, nbd.Export{
 		Name:        c.Volume.Name,
@@ -109,7 +131,7 @@ func run(c *Config, log zerolog.Logger) error {
 		_ = vol.Close()
 		return fmt.Errorf("control.socket: %w", err)
 	}
-	cs := &controlServer{vol: vol, srv: srv, log: log}
+	cs := &controlServer{vol: vol, srv: srv, log: log, agent: fo}
 	hs := &http.Server{Handler: cs.handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = hs.Serve(ctl) }()
 	defer func() { _ = hs.Close() }()
@@ -137,6 +159,12 @@ func run(c *Config, log zerolog.Logger) error {
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {
 		runErr = errors.Join(runErr, err)
+	}
+	if fo != nil {
+		// The agent stops before the volume it drives.
+		if err := fo.Close(); err != nil {
+			runErr = errors.Join(runErr, err)
+		}
 	}
 	if err := vol.Close(); err != nil {
 		runErr = errors.Join(runErr, err)

@@ -1,0 +1,506 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/mirrord/mirrord/failover"
+	"github.com/mirrord/mirrord/mirror"
+)
+
+// The runner, driven step by step: a fake clock, fake volumes, an
+// in-memory witness and paths that deliver at once (or not at all when
+// cut). No goroutine of the agent runs; the test ticks, delivers and
+// carries out the queued actions itself, so every run is the same.
+
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+func (c *fakeClock) NewTicker(time.Duration) Ticker { return nilTicker{} }
+
+type nilTicker struct{}
+
+func (nilTicker) C() <-chan time.Time { return nil }
+func (nilTicker) Stop()               {}
+
+// fakeVolume is a mirror.Volume's state; Promote leaves it fenced, as
+// mirror.Options.FencePromotions does.
+type fakeVolume struct {
+	mu        sync.Mutex
+	role      mirror.Role
+	disk      mirror.DiskState
+	fence     mirror.FenceMode
+	connected bool
+	peerDisk  mirror.DiskState
+	dogArmed  bool
+	dogAfter  time.Duration
+	calls     []string
+}
+
+func (v *fakeVolume) Role() mirror.Role      { v.mu.Lock(); defer v.mu.Unlock(); return v.role }
+func (v *fakeVolume) Disk() mirror.DiskState { v.mu.Lock(); defer v.mu.Unlock(); return v.disk }
+func (v *fakeVolume) Status() mirror.Status {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	conn := string(mirror.ConnConnecting)
+	if v.connected {
+		conn = string(mirror.ConnConnected)
+	}
+	return mirror.Status{Role: v.role.String(), Disk: v.disk.String(),
+		Peer: &mirror.PeerStatus{Mode: "sync", Connection: conn, PeerDisk: v.peerDisk.String()}}
+}
+func (v *fakeVolume) Promote(o mirror.PromoteOptions) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls = append(v.calls, "promote")
+	v.role, v.fence = mirror.RolePrimary, mirror.FenceHold
+	return nil
+}
+func (v *fakeVolume) Demote() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls = append(v.calls, "demote")
+	v.role = mirror.RoleSecondary
+	return nil
+}
+func (v *fakeVolume) Fence(m mirror.FenceMode, reason string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls = append(v.calls, "fence:"+m.String())
+	v.fence = m
+}
+func (v *fakeVolume) Unfence(reason string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls = append(v.calls, "unfence")
+	v.fence = mirror.Unfenced
+}
+func (v *fakeVolume) FenceState() (mirror.FenceMode, string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.fence, ""
+}
+func (v *fakeVolume) ArmWatchdog(d time.Duration, m mirror.FenceMode) {
+	v.mu.Lock()
+	v.dogArmed, v.dogAfter = true, d
+	v.mu.Unlock()
+}
+func (v *fakeVolume) DisarmWatchdog() { v.mu.Lock(); v.dogArmed = false; v.mu.Unlock() }
+func (v *fakeVolume) DropSession(string) {
+	v.mu.Lock()
+	v.calls = append(v.calls, "drop-session")
+	v.connected, v.peerDisk = false, mirror.DiskDUnknown
+	v.mu.Unlock()
+}
+func (v *fakeVolume) Subscribe() (<-chan mirror.Event, func()) {
+	return make(chan mirror.Event), func() {}
+}
+
+func (v *fakeVolume) writable() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.role == mirror.RolePrimary && v.fence == mirror.Unfenced
+}
+
+func (v *fakeVolume) set(f func(v *fakeVolume)) { v.mu.Lock(); f(v); v.mu.Unlock() }
+
+// fakeWitness keeps the witness contract in memory.
+type fakeWitness struct {
+	mu       sync.Mutex
+	clock    *fakeClock
+	ttl      time.Duration
+	holder   string
+	last     string
+	expires  time.Time
+	counter  uint64
+	outdated map[string]bool
+}
+
+func (w *fakeWitness) vote(req failover.VoteRequest) failover.WitnessVote {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := w.clock.Now()
+	if w.holder != "" && w.holder != req.Node && now.Before(w.expires) {
+		return failover.WitnessVote{Holder: w.holder, Epoch: w.counter, Outdated: w.outdated[req.Node], PeerOutdated: w.outdated[req.Peer]}
+	}
+	if w.last != req.Node {
+		w.counter = max(w.counter, req.Epoch) + 1
+	} else {
+		w.counter = max(w.counter, req.Epoch)
+	}
+	w.holder, w.last, w.expires = req.Node, req.Node, now.Add(w.ttl)
+	w.outdated[req.Peer] = req.PeerOutdated
+	return failover.WitnessVote{Granted: true, Holder: req.Node, Epoch: w.counter, Outdated: w.outdated[req.Node], PeerOutdated: w.outdated[req.Peer]}
+}
+
+func (w *fakeWitness) release(from, to string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.holder != from || !w.clock.Now().Before(w.expires) {
+		return failover.ErrNotHolder
+	}
+	w.counter++
+	w.holder, w.last, w.expires = to, to, w.clock.Now().Add(w.ttl)
+	return nil
+}
+
+// nodeVoter is one node's line to the witness, which the test may cut.
+type nodeVoter struct {
+	w   *fakeWitness
+	cut *bool
+}
+
+var errCut = errors.New("cut")
+
+func (v nodeVoter) Vote(ctx context.Context, req failover.VoteRequest) (failover.WitnessVote, error) {
+	if *v.cut {
+		return failover.WitnessVote{}, errCut
+	}
+	return v.w.vote(req), nil
+}
+
+func (v nodeVoter) Release(ctx context.Context, volume, from, to string) error {
+	if *v.cut {
+		return errCut
+	}
+	return v.w.release(from, to)
+}
+
+func (v nodeVoter) Close() error { return nil }
+
+type fakeResources struct{ started, stopped int }
+
+func (r *fakeResources) Start(context.Context) error { r.started++; return nil }
+func (r *fakeResources) Stop(context.Context) error  { r.stopped++; return nil }
+
+// fakePath delivers to the peer's agent at once, unless cut.
+type fakePath struct {
+	name string
+	to   **testNode
+	cut  *bool
+}
+
+func (p fakePath) Name() string { return p.name }
+func (p fakePath) Send(b []byte) error {
+	if *p.cut || (*p.to).dead {
+		return nil // sent into the void
+	}
+	(*p.to).a.Receive(p.name, b)
+	return nil
+}
+func (p fakePath) Close() error { return nil }
+
+type testNode struct {
+	name      string
+	a         *Agent
+	vol       *fakeVolume
+	res       *fakeResources
+	epochFile string
+	dead      bool
+	// cutWitness and cutPaths isolate the node (both directions for the
+	// paths: the peer's paths check the same flags).
+	cutWitness bool
+}
+
+type cluster struct {
+	t       *testing.T
+	clock   *fakeClock
+	witness *fakeWitness
+	nodes   map[string]*testNode
+	cutLink bool // every heartbeat path between the two
+	tick    time.Duration
+}
+
+func newCluster(t *testing.T) *cluster {
+	clock := &fakeClock{now: time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)}
+	mc := failover.DefaultLAN()
+	c := &cluster{t: t, clock: clock, nodes: map[string]*testNode{}, tick: mc.TickInterval,
+		witness: &fakeWitness{clock: clock, ttl: mc.LeaseTTL(), outdated: map[string]bool{}}}
+	for _, pair := range [][2]string{{"a", "b"}, {"b", "a"}} {
+		name, peer := pair[0], pair[1]
+		n := &testNode{name: name, vol: &fakeVolume{role: mirror.RoleSecondary, disk: mirror.DiskUpToDate, connected: true, peerDisk: mirror.DiskUpToDate},
+			res: &fakeResources{}, epochFile: filepath.Join(t.TempDir(), "epoch")}
+		c.nodes[name] = n
+		to := new(*testNode)
+		paths := []Path{fakePath{name: failover.PathReplication, to: to, cut: &c.cutLink}, fakePath{name: failover.PathUDP, to: to, cut: &c.cutLink}}
+		cfg := Config{Machine: mc, Volume: "vol0", Secret: []byte("secret"), EpochFile: n.epochFile,
+			Voter: nodeVoter{w: c.witness, cut: &n.cutWitness}, Resources: n.res, Clock: clock,
+			Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel).With().Str("node", name).Logger()}
+		cfg.Machine.Node, cfg.Machine.Peer = name, peer
+		a, err := New(cfg, n.vol, paths)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.a = a
+		defer func(peer string) { *to = c.nodes[peer] }(peer)
+	}
+	for _, n := range c.nodes {
+		n.a.handle(n.a.localState())
+	}
+	return c
+}
+
+// drain carries out everything a node has queued: received messages,
+// blocking actions (in order) and witness answers.
+func (c *cluster) drain(n *testNode) {
+	a := n.a
+	for {
+		select {
+		case in := <-a.inbox:
+			a.received(in)
+			continue
+		case j := <-a.work:
+			id, err := a.carryOut(j)
+			if id != 0 {
+				a.handle(failover.ActionResult{ID: id, Err: err})
+			}
+			a.refreshLocal()
+			continue
+		default:
+		}
+		if a.voting {
+			a.voted(<-a.votes) // the fake witness answers at once
+			continue
+		}
+		return
+	}
+}
+
+// run advances time by d in ticks, checking after each that at most one
+// node is writable.
+func (c *cluster) run(d time.Duration, each func()) {
+	for end := c.clock.Now().Add(d); c.clock.Now().Before(end); {
+		c.clock.advance(c.tick)
+		for _, name := range []string{"a", "b"} {
+			n := c.nodes[name]
+			if n.dead {
+				continue
+			}
+			n.a.refreshLocal()
+			n.a.handle(failover.Tick{Now: c.clock.Now()})
+			n.a.beacons(false)
+			c.drain(n)
+		}
+		for _, n := range c.nodes {
+			if !n.dead {
+				c.drain(n)
+			}
+		}
+		if a, b := c.nodes["a"], c.nodes["b"]; !a.dead && !b.dead && a.vol.writable() && b.vol.writable() {
+			c.t.Fatalf("two writable Primaries at %v", c.clock.Now())
+		}
+		if each != nil {
+			each()
+		}
+	}
+}
+
+// up makes a the serving Primary (an operator's promote, then its agent
+// unfences it) with b hearing it in sync.
+func (c *cluster) up() (a, b *testNode) {
+	a, b = c.nodes["a"], c.nodes["b"]
+	a.vol.set(func(v *fakeVolume) { v.role, v.fence = mirror.RolePrimary, mirror.FenceHold })
+	c.run(3*time.Second, nil)
+	if !a.vol.writable() {
+		c.t.Fatalf("a not serving after 3 s: %+v", a.a.Status().Status)
+	}
+	if st := b.a.Status(); st.Peer.Role != mirror.RolePrimary || !st.Peer.InSync {
+		c.t.Fatalf("b does not hear a as in-sync Primary: %+v", st.Peer)
+	}
+	return a, b
+}
+
+func hasDecision(r Report, kind failover.Kind, acted bool, substr string) bool {
+	for _, d := range r.History {
+		if d.Kind == kind && d.Acted == acted && strings.Contains(d.Cause, substr) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestAgentSiteLossPromotesTarget(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	a.vol.mu.Lock()
+	armed := a.vol.dogArmed
+	a.vol.mu.Unlock()
+	if !armed {
+		t.Fatal("a serving Primary without an armed watchdog")
+	}
+	a.dead = true
+	b.vol.set(func(v *fakeVolume) { v.connected, v.peerDisk = false, mirror.DiskDUnknown })
+	killed := c.clock.Now()
+	var promotedAt time.Time
+	c.run(4*time.Second, func() {
+		if promotedAt.IsZero() && b.vol.writable() {
+			promotedAt = c.clock.Now()
+		}
+	})
+	if promotedAt.IsZero() {
+		t.Fatalf("b never served; last decision: %v", b.a.Status().Last)
+	}
+	mc := failover.DefaultLAN()
+	if took := promotedAt.Sub(killed); took > mc.DetectTimeout()+mc.HeartbeatInterval {
+		t.Fatalf("b served %v after a died, want within %v", took, mc.DetectTimeout()+mc.HeartbeatInterval)
+	}
+	if b.res.started != 1 {
+		t.Fatalf("b resources started %d times, want 1", b.res.started)
+	}
+	hs, err := LoadEpoch(b.epochFile)
+	if err != nil || hs.Epoch != b.a.Status().Epoch || hs.Epoch < 2 {
+		t.Fatalf("b's epoch file: %+v %v, status epoch %d", hs, err, b.a.Status().Epoch)
+	}
+	if !hasDecision(b.a.Status(), failover.KindPromote, true, "peer a lost on every path") {
+		t.Fatalf("no recorded promotion with its cause: %v", b.a.Status().History)
+	}
+}
+
+func TestAgentIsolatedPrimaryFencesBeforeTargetPromotes(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	c.cutLink, a.cutWitness = true, true
+	b.vol.set(func(v *fakeVolume) { v.connected, v.peerDisk = false, mirror.DiskDUnknown })
+	a.vol.set(func(v *fakeVolume) { v.connected, v.peerDisk = false, mirror.DiskDUnknown })
+	var fencedAt, promotedAt time.Time
+	c.run(4*time.Second, func() {
+		if fencedAt.IsZero() && !a.vol.writable() {
+			fencedAt = c.clock.Now()
+		}
+		if promotedAt.IsZero() && b.vol.writable() {
+			promotedAt = c.clock.Now()
+		}
+	})
+	if fencedAt.IsZero() || promotedAt.IsZero() || !fencedAt.Before(promotedAt) {
+		t.Fatalf("a fenced at %v, b promoted at %v: want a fenced first", fencedAt, promotedAt)
+	}
+	// Heal: a sees the newer Primary and steps down.
+	c.cutLink, a.cutWitness = false, false
+	c.run(3*time.Second, nil)
+	if a.vol.Role() != mirror.RoleSecondary || a.res.stopped == 0 {
+		t.Fatalf("a after heal: role %v, resources stopped %d", a.vol.Role(), a.res.stopped)
+	}
+	if !b.vol.writable() {
+		t.Fatal("b stopped serving after the heal")
+	}
+}
+
+func TestAgentSwitchoverThereAndBack(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	for _, step := range []struct{ from, to *testNode }{{a, b}, {b, a}} {
+		c.run(2*time.Second, nil) // the new Primary's peer hears it
+		ds := step.from.a.handle(failover.Switchover{})
+		if !hasAny(ds, failover.KindSwitchover, true) {
+			t.Fatalf("switchover %s->%s refused: %v", step.from.name, step.to.name, ds)
+		}
+		c.run(2*time.Second, nil)
+		if !step.to.vol.writable() || step.from.vol.Role() != mirror.RoleSecondary {
+			t.Fatalf("after switchover %s->%s: %s writable %v, %s role %v", step.from.name, step.to.name,
+				step.to.name, step.to.vol.writable(), step.from.name, step.from.vol.Role())
+		}
+		if c.witness.holder != step.to.name {
+			t.Fatalf("witness holder %q after switchover to %s", c.witness.holder, step.to.name)
+		}
+	}
+}
+
+func hasAny(ds []failover.Decision, kind failover.Kind, acted bool) bool {
+	for _, d := range ds {
+		if d.Kind == kind && d.Acted == acted {
+			return true
+		}
+	}
+	return false
+}
+
+func TestAgentForcePromoteNeedsAcknowledgement(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	a.dead, a.cutWitness = true, true
+	b.cutWitness = true // no quorum: the automation cannot decide
+	b.vol.set(func(v *fakeVolume) { v.connected, v.peerDisk = false, mirror.DiskDUnknown })
+	c.run(4*time.Second, nil)
+	if b.vol.writable() {
+		t.Fatal("b promoted without quorum")
+	}
+	ds := b.a.handle(failover.ForcePromote{})
+	if hasAny(ds, failover.KindForce, true) || len(ds) == 0 || !strings.Contains(ds[0].Cause, "AcceptDataLoss") {
+		t.Fatalf("ForcePromote without acknowledgement: %v", ds)
+	}
+	ds = b.a.handle(failover.ForcePromote{AcceptDataLoss: true})
+	if !hasAny(ds, failover.KindForce, true) {
+		t.Fatalf("ForcePromote with acknowledgement: %v", ds)
+	}
+	c.run(time.Second, nil)
+	if !b.vol.writable() {
+		t.Fatal("b not serving after a forced promotion")
+	}
+}
+
+func TestEpochFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "epoch")
+	if hs, err := LoadEpoch(path); err != nil || hs.Epoch != 0 {
+		t.Fatalf("missing file: %+v %v", hs, err)
+	}
+	for _, e := range []uint64{1, 7, 1 << 40} {
+		if err := SaveEpoch(path, e); err != nil {
+			t.Fatal(err)
+		}
+		if hs, err := LoadEpoch(path); err != nil || hs.Epoch != e {
+			t.Fatalf("saved %d, loaded %+v %v", e, hs, err)
+		}
+	}
+	if err := os.WriteFile(path, []byte("seven\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadEpoch(path); err == nil || !strings.Contains(err.Error(), "not an epoch") {
+		t.Fatalf("garbage epoch file: %v", err)
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(path)); len(entries) != 1 {
+		t.Fatalf("temporary files left behind: %v", entries)
+	}
+}
+
+// The volume's watchdog fires on a lease that ran out between two ticks;
+// the agent, learning the volume is fenced, must not unfence it on the
+// strength of its last tick's evidence.
+func TestAgentNeverUnfencesPastTheLease(t *testing.T) {
+	c := newCluster(t)
+	a, _ := c.up()
+	c.cutLink, a.cutWitness = true, true
+	for a.a.Status().ServeUntil.After(c.clock.Now().Add(c.tick)) {
+		c.run(c.tick, nil)
+	}
+	// Between ticks, past the lease: the watchdog fences the volume.
+	until := a.a.Status().ServeUntil
+	c.clock.advance(until.Sub(c.clock.Now()) + time.Millisecond)
+	a.vol.Fence(mirror.FenceHold, "watchdog")
+	a.a.refreshLocal()
+	c.drain(a)
+	if a.vol.writable() {
+		t.Fatalf("the agent unfenced a volume whose lease ran out at %v (now %v)", until, c.clock.Now())
+	}
+}
