@@ -366,3 +366,52 @@ func TestWANRateLimit(t *testing.T) {
 	}
 	pr.stopAndCompare(t)
 }
+
+// TestWANAsyncBurstAboveLinkRate: a burst larger than the async window over
+// 50 ms and 100 Mbit/s (the Primary must fall back to tracking and catch up,
+// whatever it spills to on the way) ends with identical replicas, and status
+// answers throughout (going Ahead once deadlocked it).
+func TestWANAsyncBurstAboveLinkRate(t *testing.T) {
+	pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB", alphaSet: []string{"peer.async-window=32MiB"},
+		wan: &wanproxy.Config{Up: wan100, Down: wan100, Seed: 2}})
+	seed := mirrorSeed(t)
+	h := newHistory(seed)
+	const run = 16 // 64 KiB writes, in random order over 48 MiB
+	order := rand.New(rand.NewPCG(seed, 0)).Perm(48 << 20 / (run * mirrorBlock))
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		c, err := dialNBD("unix", pr.alpha.sock, "vol0")
+		if err != nil {
+			return
+		}
+		defer func() { _ = c.disconnect() }()
+		for _, k := range order {
+			if h.writeRun(c, int64(k)*run*mirrorBlock, run) != nil {
+				return
+			}
+		}
+	}()
+	for {
+		select {
+		case <-written:
+		default:
+			if _, err := pr.alpha.statusErr(); err != nil { // must answer while the burst runs
+				t.Fatalf("status during the burst: %v", err)
+			}
+			continue
+		}
+		break
+	}
+	if got := h.acks.Load(); got != int64(len(order)) {
+		t.Fatalf("%d of %d writes acknowledged", got, len(order))
+	}
+	t.Logf("the Primary went Ahead %d times", pr.alpha.logCount("async window full"))
+	pr.alpha.waitStatus("caught up", resyncTimeout, func(s mirrorStatus) bool { return s.inSync() && s.Peer.InFlightWrites == 0 })
+	pr.stopAndCompare(t)
+	data, err := os.ReadFile(pr.beta.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.requireMatches(t, "beta after the burst", data[:pr.size])
+}
