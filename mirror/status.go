@@ -15,6 +15,9 @@ type Status struct {
 	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
 	Generations    string      `json:"generations,omitempty"`
 	Peer           *PeerStatus `json:"peer,omitempty"`
+	// UndoBytes is the undo log of a sync target whose last consistent
+	// image is being overwritten by a resync: promoting rolls it back.
+	UndoBytes int64 `json:"undo_bytes,omitempty"`
 	// Fence is the failover agent's write fence: suspend or error ("" when
 	// writes pass).
 	Fence string `json:"fence,omitempty"`
@@ -37,6 +40,33 @@ type PeerStatus struct {
 	ResyncBytes    uint64        `json:"resync_bytes"`
 	Resync         *ResyncStatus `json:"resync,omitempty"`
 	Reason         string        `json:"reason,omitempty"`
+	// LagBytes and LagSeconds: how far the peer is behind this Primary
+	// (see Volume.Lag).
+	LagBytes   int64   `json:"lag_bytes"`
+	LagSeconds float64 `json:"lag_seconds"`
+	// MaxLagBytes, MaxLagSeconds and LagPolicy are the configured bound
+	// (0: none); LagOverBound reports the last sample over it.
+	MaxLagBytes   int64   `json:"max_lag_bytes,omitempty"`
+	MaxLagSeconds float64 `json:"max_lag_seconds,omitempty"`
+	LagPolicy     string  `json:"lag_policy,omitempty"`
+	LagOverBound  bool    `json:"lag_over_bound,omitempty"`
+	// JournalBytes is the async journal in use (records not yet
+	// acknowledged), JournalCapacity its size (0: no journal).
+	JournalBytes    int64          `json:"journal_bytes"`
+	JournalCapacity int64          `json:"journal_capacity,omitempty"`
+	Journal         *JournalStatus `json:"journal,omitempty"`
+}
+
+// JournalStatus describes the async journal.
+type JournalStatus struct {
+	// QueuedBytes is the data not yet sent; HighWater the most of the
+	// ring ever in use.
+	QueuedBytes   int64  `json:"queued_bytes"`
+	Records       int    `json:"records"`
+	HighWater     int64  `json:"high_water_bytes"`
+	SpilledWrites uint64 `json:"spilled_writes"`
+	SpilledBytes  uint64 `json:"spilled_bytes"`
+	FullEvents    uint64 `json:"full_events"`
 }
 
 // Status reports the volume's state.
@@ -51,6 +81,7 @@ func (v *Volume) Status() Status {
 	if v.meta != nil {
 		st.Generations = genString(v.meta.snapshot().gen)
 	}
+	st.UndoBytes = v.undoBytes()
 	if v.link == nil {
 		return st
 	}
@@ -90,6 +121,17 @@ func (v *Volume) Status() Status {
 		if ps.Replication == string(ReplSyncSource) {
 			ps.PeerDisk = DiskInconsistent.String()
 		}
+	}
+	bytes, age := v.Lag()
+	ps.LagBytes, ps.LagSeconds = bytes, age.Seconds()
+	if l.bounded() {
+		ps.MaxLagBytes, ps.MaxLagSeconds = l.cfg.MaxLagBytes, l.cfg.MaxLagTime.Seconds()
+		ps.LagPolicy = l.cfg.LagPolicy.String()
+		ps.LagOverBound = l.lagOver()
+	}
+	if j := l.journal; j != nil {
+		ps.Journal = j.status()
+		ps.JournalBytes, ps.JournalCapacity = j.usedBytes(), j.capacity
 	}
 	st.Peer = ps
 	return st

@@ -83,6 +83,10 @@ type linkProxy struct {
 	// to the application but not yet on the peer.
 	latency time.Duration
 
+	// stalled holds everything alpha sends (a congested link that keeps
+	// the connection); beta's side still flows.
+	stalled atomic.Bool
+
 	mu     sync.Mutex
 	cut    bool
 	closed bool
@@ -172,6 +176,9 @@ func (p *linkProxy) pipe(wg *sync.WaitGroup, dst, src net.Conn, n *atomic.Int64)
 	buf := make([]byte, 64<<10)
 	for {
 		k, err := src.Read(buf)
+		for n == &p.toTarget && p.stalled.Load() {
+			time.Sleep(time.Millisecond) // a stalled link, not a wait for a condition
+		}
 		if k > 0 {
 			if _, werr := dst.Write(buf[:k]); werr != nil {
 				return
@@ -257,6 +264,7 @@ type mirrorStatus struct {
 	SizeBytes      int64             `json:"size_bytes"`
 	OutOfSyncBytes int64             `json:"out_of_sync_bytes"`
 	Generations    string            `json:"generations"`
+	UndoBytes      int64             `json:"undo_bytes"`
 	Peer           *mirrorPeerStatus `json:"peer"`
 	raw            string
 }
@@ -277,7 +285,16 @@ type mirrorPeerStatus struct {
 		DoneBytes  int64 `json:"done_bytes"`
 		TotalBytes int64 `json:"total_bytes"`
 	} `json:"resync"`
-	Reason string `json:"reason"`
+	Reason          string  `json:"reason"`
+	LagBytes        int64   `json:"lag_bytes"`
+	LagSeconds      float64 `json:"lag_seconds"`
+	JournalBytes    int64   `json:"journal_bytes"`
+	JournalCapacity int64   `json:"journal_capacity"`
+	LagOverBound    bool    `json:"lag_over_bound"`
+	Journal         *struct {
+		SpilledWrites int64 `json:"spilled_writes"`
+		FullEvents    int64 `json:"full_events"`
+	} `json:"journal"`
 }
 
 func (s mirrorStatus) connection() string {

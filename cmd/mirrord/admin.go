@@ -70,6 +70,9 @@ func humanStatus(st statusReply) string {
 		fmt.Fprintf(&b, " out-of-sync:%s", humanBytes(st.OutOfSyncBytes))
 	}
 	fmt.Fprintf(&b, " size:%s\n", humanBytes(st.SizeBytes))
+	if st.UndoBytes > 0 {
+		fmt.Fprintf(&b, "  undo:%s (last consistent image recoverable: promote rolls back)\n", humanBytes(st.UndoBytes))
+	}
 	if p := st.Peer; p != nil {
 		fmt.Fprintf(&b, "  %s role:%s\n", p.Node, p.PeerRole)
 		fmt.Fprintf(&b, "    connection:%s replication:%s peer-disk:%s mode:%s\n", p.Connection, p.Replication, p.PeerDisk, p.Mode)
@@ -86,6 +89,19 @@ func humanStatus(st statusReply) string {
 		}
 		if p.InFlightWrites > 0 {
 			fmt.Fprintf(&b, "    in-flight:%d writes (%s)\n", p.InFlightWrites, humanBytes(p.InFlightBytes))
+		}
+		if p.LagBytes > 0 || p.MaxLagBytes > 0 || p.MaxLagSeconds > 0 {
+			fmt.Fprintf(&b, "    lag:%s %.1fs", humanBytes(p.LagBytes), p.LagSeconds)
+			if p.LagPolicy != "" {
+				fmt.Fprintf(&b, " bound:%s %.1fs policy:%s", humanBytes(p.MaxLagBytes), p.MaxLagSeconds, p.LagPolicy)
+				if p.LagOverBound {
+					fmt.Fprint(&b, " OVER")
+				}
+			}
+			fmt.Fprintln(&b)
+		}
+		if p.JournalBytes > 0 {
+			fmt.Fprintf(&b, "    journal:%s of %s\n", humanBytes(p.JournalBytes), humanBytes(p.JournalCapacity))
 		}
 		if p.Reason != "" && p.Connection != string(mirror.ConnConnected) {
 			fmt.Fprintf(&b, "    last:%s\n", p.Reason)

@@ -58,6 +58,25 @@ type PeerConfig struct {
 	AsyncWindow   ByteSize      `mapstructure:"async-window"`
 	ResyncMaxRate ByteSize      `mapstructure:"resync-max-rate"` // bytes/s, 0 unlimited
 	ResyncMinRate ByteSize      `mapstructure:"resync-min-rate"`
+	// Journal is where async writes spill when the window is full.
+	Journal JournalConfig `mapstructure:"journal"`
+	// MaxLag bounds how far an async peer may fall behind; LagPolicy
+	// (alert, throttle or block) is what happens past the bound.
+	MaxLag    MaxLagConfig `mapstructure:"max-lag"`
+	LagPolicy string       `mapstructure:"lag-policy"`
+}
+
+// JournalConfig is the async journal: Path defaults to the metadata file
+// plus ".journal"; Size 0 disables it (a full window then goes Ahead).
+type JournalConfig struct {
+	Path string   `mapstructure:"path"`
+	Size ByteSize `mapstructure:"size"`
+}
+
+// MaxLagConfig is the RPO bound; 0 leaves a dimension unbounded.
+type MaxLagConfig struct {
+	Bytes ByteSize      `mapstructure:"bytes"`
+	Time  time.Duration `mapstructure:"time"`
 }
 
 // ControlConfig is the local admin socket the CLI talks to.
@@ -131,6 +150,11 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("peer.async-window", fmt.Sprint(mirror.DefaultAsyncWindow))
 	v.SetDefault("peer.resync-max-rate", "0")
 	v.SetDefault("peer.resync-min-rate", fmt.Sprint(mirror.DefaultResyncMinRate))
+	v.SetDefault("peer.journal.path", "")
+	v.SetDefault("peer.journal.size", fmt.Sprint(mirror.DefaultJournalSize))
+	v.SetDefault("peer.max-lag.bytes", "0")
+	v.SetDefault("peer.max-lag.time", "0s")
+	v.SetDefault("peer.lag-policy", mirror.LagAlert.String())
 	v.SetDefault("control.socket", DefaultControl)
 	v.SetDefault("log.level", "info")
 	v.SetDefault("log.format", "auto")
@@ -349,6 +373,22 @@ func (c *Config) validatePeer(bad func(key, format string, a ...any)) {
 	if p.ResyncMaxRate < 0 || p.ResyncMinRate <= 0 {
 		bad("peer.resync-min-rate", "rates must be positive (resync-max-rate 0 means unlimited)")
 	}
+	if p.Journal.Size != 0 && p.Journal.Size < mirror.MinJournalSize {
+		bad("peer.journal.size", "must be 0 (no journal) or at least %d (got %d)", mirror.MinJournalSize, p.Journal.Size)
+	}
+	if p.MaxLag.Bytes < 0 {
+		bad("peer.max-lag.bytes", "must not be negative")
+	}
+	if p.MaxLag.Time < 0 {
+		bad("peer.max-lag.time", "must not be negative")
+	}
+	policy, err := mirror.ParseLagPolicy(p.LagPolicy)
+	switch {
+	case err != nil:
+		bad("peer.lag-policy", "must be alert, throttle or block (got %q)", p.LagPolicy)
+	case policy != mirror.LagAlert && p.MaxLag.Bytes == 0 && p.MaxLag.Time == 0:
+		bad("peer.lag-policy", "%s needs a bound: set peer.max-lag.bytes or peer.max-lag.time", policy)
+	}
 }
 
 // mirrorPeer converts the peer section for mirror.Open.
@@ -376,6 +416,12 @@ func (c *Config) mirrorPeer() (*mirror.PeerConfig, error) {
 	if p.Mode == "async" {
 		pc.Mode = mirror.ModeAsync
 	}
+	pc.JournalPath, pc.JournalSize = p.Journal.Path, int64(p.Journal.Size)
+	if p.Journal.Size == 0 {
+		pc.JournalSize = -1 // mirror reads 0 as the default size
+	}
+	pc.MaxLagBytes, pc.MaxLagTime = int64(p.MaxLag.Bytes), p.MaxLag.Time
+	pc.LagPolicy, _ = mirror.ParseLagPolicy(p.LagPolicy) // validated
 	if p.OnDisconnect == "suspend" {
 		pc.OnDisconnect = mirror.SuspendIO
 	}

@@ -81,6 +81,10 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 		{name: "peer named like us", set: []string{"node.name=a", "peer.node=a", "peer.address=h:1", "peer.secret=s"}, want: "peer.node"},
 		{name: "peer keys without peer", set: []string{"peer.address=h:1"}, want: "peer.address"},
 		{name: "bad duration", set: []string{"peer.timeout=soon"}, want: "timeout"},
+		{name: "journal too small", set: append(asyncPeer, "peer.journal.size=4KiB"), want: "peer.journal.size"},
+		{name: "lag policy", set: append(asyncPeer, "peer.lag-policy=panic"), want: "peer.lag-policy"},
+		{name: "block without a bound", set: append(asyncPeer, "peer.lag-policy=block"), want: "peer.max-lag"},
+		{name: "negative lag time", set: append(asyncPeer, "peer.max-lag.time=-1s"), want: "peer.max-lag.time"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cf := configFlags{set: tc.set}
@@ -95,6 +99,37 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 				t.Fatalf("error %v, want one naming %s", err, tc.want)
 			}
 		})
+	}
+}
+
+var asyncPeer = []string{"peer.node=b", "peer.address=h:1", "peer.secret=s", "peer.mode=async"}
+
+func TestJournalAndLagConfig(t *testing.T) {
+	c, err := loadConfig(configFlags{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Peer.Journal.Size != 1<<30 || c.Peer.LagPolicy != "alert" || c.Peer.MaxLag.Bytes != 0 {
+		t.Fatalf("defaults: %+v", c.Peer)
+	}
+	file := writeConfig(t, "peer:\n  journal:\n    path: /x/j\n    size: 64MiB\n  max-lag:\n    bytes: 8MiB\n    time: 30s\n  lag-policy: throttle\n")
+	c, err = loadConfig(configFlags{file: file, set: asyncPeer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := c.mirrorPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pc.JournalPath != "/x/j" || pc.JournalSize != 64<<20 || pc.MaxLagBytes != 8<<20 || pc.MaxLagTime != 30*time.Second || pc.LagPolicy.String() != "throttle" {
+		t.Fatalf("peer config %+v", pc)
+	}
+	c, err = loadConfig(configFlags{set: append(asyncPeer, "peer.journal.size=0")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pc, _ := c.mirrorPeer(); pc.JournalSize >= 0 {
+		t.Fatalf("journal size 0 should disable the journal, got %d", pc.JournalSize)
 	}
 }
 
