@@ -528,9 +528,10 @@ func (a *Agent) localState() failover.LocalState {
 			ls.PeerDisk = parseDisk(p.PeerDisk)
 		}
 		if ls.Role == mirror.RolePrimary {
-			// What the target lacks: writes shipped but not acknowledged,
-			// and regions out of sync. (The time lag is not measured yet.)
-			ls.LagBytes = p.InFlightBytes + st.OutOfSyncBytes
+			// What the target lacks and the age of the oldest such write
+			// (mirror's Volume.Lag: the journal, the window, the bitmap).
+			ls.LagBytes = p.LagBytes
+			ls.LagTime = time.Duration(p.LagSeconds * float64(time.Second))
 		} else {
 			ls.LagBytes = st.OutOfSyncBytes
 		}
