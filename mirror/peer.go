@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -90,6 +91,28 @@ type PeerConfig struct {
 	ResyncMaxRate int64
 	ResyncMinRate int64
 	ResyncWindow  int64
+	// JournalPath is the async journal's file (MetaPath + ".journal" if
+	// empty); JournalSize its ring (DefaultJournalSize if 0, no journal
+	// if negative: a full window then goes Ahead at once).
+	JournalPath string
+	JournalSize int64
+	// MaxLagBytes and MaxLagTime bound how far an async peer may fall
+	// behind (0: unbounded); LagPolicy says what happens past the bound.
+	MaxLagBytes int64
+	MaxLagTime  time.Duration
+	LagPolicy   LagPolicy
+	// TLS, if set, runs the link in TLS 1.3 with mutual certificates
+	// (wan.LoadTLS); both nodes must agree.
+	TLS *tls.Config
+	// Compress asks the peer for zstd-compressed data frames; they are used
+	// when both sides ask.
+	Compress bool
+	// RateLimit caps the bytes/s this node sends to the peer, on the wire
+	// (0: unlimited); ResyncShare is the percentage of it resync keeps while
+	// live writes flow (DefaultResyncShare if 0). Volume.SetPeerRateLimit
+	// changes both at runtime.
+	RateLimit   int64
+	ResyncShare int
 	// Dial connects to Address (net.Dialer by default); tests inject
 	// faults here.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
@@ -113,6 +136,12 @@ func (c *PeerConfig) fillDefaults() {
 	}
 	if c.ResyncWindow == 0 {
 		c.ResyncWindow = DefaultResyncWindow
+	}
+	if c.JournalSize == 0 {
+		c.JournalSize = DefaultJournalSize
+	}
+	if c.ResyncShare == 0 {
+		c.ResyncShare = DefaultResyncShare
 	}
 	if c.Dial == nil {
 		var d net.Dialer
@@ -173,6 +202,16 @@ type link struct {
 	wg       sync.WaitGroup
 
 	stats linkStats
+
+	// journal is the async write journal (nil in sync mode or disabled).
+	journal *journal
+	// behindSince is when the peer first lacked a write the bitmap
+	// tracks (unix nanos, 0 when it lacks none), for the lag's age.
+	behindSince atomic.Int64
+	lagG        lagGuard
+
+	shaper *shaper
+	zstd   *wan.Compressor // shared by the link's sessions, for the ratio in status
 }
 
 type linkStats struct {
@@ -195,11 +234,46 @@ func newLink(v *Volume, cfg PeerConfig) (*link, error) {
 		v: v, cfg: cfg, conn: ConnConnecting,
 		log:      v.log.With().Str("peer", cfg.Node).Logger(),
 		incoming: make(chan net.Conn), kick: make(chan struct{}, 1), quit: make(chan struct{}),
+		shaper: newShaper(cfg.RateLimit, cfg.ResyncShare), zstd: wan.NewCompressor(),
+	}
+	if cfg.RateLimit < 0 || cfg.ResyncShare < 0 || cfg.ResyncShare > 100 {
+		return nil, fmt.Errorf("%w: rate limit %d bytes/s, resync share %d%%", ErrBadRate, cfg.RateLimit, cfg.ResyncShare)
 	}
 	l.cond.L = &l.mu
+	l.lagG.cond.L = &l.lagG.mu
+	if cfg.Mode == ModeAsync && cfg.JournalSize > 0 {
+		path := cfg.JournalPath
+		if path == "" {
+			path = v.meta.metaPath + ".journal"
+		}
+		// Records a crash left behind may be missing on the peer: their
+		// regions join the bitmap before anything else runs.
+		folded := int64(0)
+		j, err := openJournal(path, cfg.JournalSize, v.dirty, func(off, n int64) {
+			v.dirty.Set(off, n)
+			folded += n
+		})
+		if err != nil {
+			return nil, err
+		}
+		if folded > 0 {
+			l.log.Warn().Int64("bytes", folded).Msg("journal held unacknowledged writes: folded into the bitmap")
+			if err := v.al.persistAll(); err != nil {
+				_ = j.close()
+				return nil, err
+			}
+		}
+		l.journal = j
+	}
+	if v.dirty.Count() > 0 {
+		l.markBehind()
+	}
 	if cfg.Listen != "" {
 		ln, err := net.Listen("tcp", cfg.Listen)
 		if err != nil {
+			if l.journal != nil {
+				_ = l.journal.close()
+			}
 			return nil, fmt.Errorf("peer listen %s: %w", cfg.Listen, err)
 		}
 		l.ln = ln
@@ -221,6 +295,10 @@ func (l *link) start() {
 	}
 	l.wg.Add(1)
 	go l.connectLoop()
+	if l.bounded() {
+		l.wg.Add(1)
+		go l.lagLoop()
+	}
 }
 
 func (l *link) stop() {
@@ -237,6 +315,11 @@ func (l *link) stop() {
 		<-s.done
 	}
 	l.wg.Wait()
+	if l.journal != nil {
+		if err := l.journal.close(); err != nil {
+			l.log.Error().Err(err).Msg("close journal")
+		}
+	}
 }
 
 func (l *link) acceptLoop() {
@@ -276,6 +359,7 @@ func (l *link) connectLoop() {
 		standalone := l.standalone
 		l.mu.Unlock()
 		var c net.Conn
+		dialed := l.dials()
 		if standalone {
 			select {
 			case <-l.quit:
@@ -287,7 +371,7 @@ func (l *link) connectLoop() {
 				continue
 			}
 		}
-		if l.dials() {
+		if dialed {
 			ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
 			var err error
 			c, err = l.cfg.Dial(ctx, l.cfg.Address)
@@ -308,7 +392,7 @@ func (l *link) connectLoop() {
 			case c = <-l.incoming:
 			}
 		}
-		s, err := l.establish(c)
+		s, err := l.establish(c, dialed)
 		if err != nil {
 			_ = c.Close()
 			l.log.Warn().Err(err).Msg("peer connection refused")
@@ -384,6 +468,7 @@ func (l *link) replicate(o op) error {
 		return err
 	}
 	v.dirty.Set(o.off, o.n)
+	l.markBehind()
 	return v.apply(o)
 }
 

@@ -11,10 +11,12 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/time/rate"
 )
 
 const testSize = 16 << 20
@@ -25,6 +27,11 @@ type netFault struct {
 	mu    sync.Mutex
 	cut   bool
 	conns []net.Conn
+	// slow, when set, paces what the dialing side sends (a slow link);
+	// paused stalls it entirely (a congested or stalled link that keeps
+	// the connection).
+	slow   atomic.Pointer[rate.Limiter]
+	paused atomic.Bool
 }
 
 func (f *netFault) dial(ctx context.Context, addr string) (net.Conn, error) {
@@ -35,10 +42,37 @@ func (f *netFault) dial(ctx context.Context, addr string) (net.Conn, error) {
 	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
-	if err == nil {
-		f.conns = append(f.conns, c)
+	if err != nil {
+		return nil, err
 	}
-	return c, err
+	f.conns = append(f.conns, c)
+	return &faultConn{Conn: c, f: f}, nil
+}
+
+// faultConn paces and pauses writes in chunks, as a slow link would.
+type faultConn struct {
+	net.Conn
+	f *netFault
+}
+
+func (c *faultConn) Write(p []byte) (int, error) {
+	const chunk = 16 << 10
+	done := 0
+	for done < len(p) {
+		for c.f.paused.Load() {
+			time.Sleep(time.Millisecond)
+		}
+		n := min(chunk, len(p)-done)
+		if lim := c.f.slow.Load(); lim != nil {
+			_ = lim.WaitN(context.Background(), n)
+		}
+		k, err := c.Conn.Write(p[done : done+n])
+		done += k
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
 }
 
 func (f *netFault) setCut(cut bool) {
@@ -54,6 +88,8 @@ func (f *netFault) setCut(cut bool) {
 }
 
 type pairOpts struct {
+	// peer adjusts both nodes' peer configuration.
+	peer       func(*PeerConfig)
 	mode       Mode
 	secretB    string
 	volumeB    string
@@ -72,7 +108,7 @@ type node struct {
 	opts Options
 }
 
-func (n *node) reopen(t *testing.T) {
+func (n *node) reopen(t testing.TB) {
 	t.Helper()
 	v, err := Open(filepath.Join(n.dir, "disk.img"), n.opts)
 	if err != nil {
@@ -83,7 +119,7 @@ func (n *node) reopen(t *testing.T) {
 }
 
 // newPair starts nodes "a" (dials) and "b" (listens) on loopback.
-func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
+func newPair(t testing.TB, po pairOpts) (a, b *node, fault *netFault) {
 	t.Helper()
 	fault = &netFault{}
 	log := zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel)
@@ -92,6 +128,9 @@ func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
 		pc.Node, pc.Secret, pc.Mode = peer, []byte(secret), po.mode
 		pc.Timeout, pc.PingInterval, pc.ConnectRetry = 5*time.Second, 200*time.Millisecond, 50*time.Millisecond
 		pc.ResyncMaxRate = po.resyncRate
+		if po.peer != nil {
+			po.peer(&pc)
+		}
 		n := &node{dir: dir, opts: Options{Name: vol, Node: name, Size: size, MetaPath: filepath.Join(dir, "disk.meta"), Peer: &pc, Log: log}}
 		n.opts.FencePromotions = po.fenceA && name == "a"
 		n.opts.HoldOnDisconnect = n.opts.FencePromotions
@@ -116,7 +155,7 @@ func newPair(t *testing.T, po pairOpts) (a, b *node, fault *netFault) {
 	return a, b, fault
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {
@@ -338,8 +377,8 @@ func TestInterruptedResyncResumesAndTargetStaysInconsistent(t *testing.T) {
 	if a.v.Status().OutOfSyncBytes == 0 {
 		t.Fatal("resync finished before the cut; slow it down")
 	}
-	if err := b.v.Promote(PromoteOptions{}); !errors.Is(err, ErrInconsistent) {
-		t.Fatalf("promote of an Inconsistent target: %v, want ErrInconsistent", err)
+	if b.v.Disk() != DiskInconsistent || b.v.Status().UndoBytes == 0 {
+		t.Fatalf("cut mid-resync: disk %s, undo %d bytes; want Inconsistent with its old image in the undo log", b.v.Disk(), b.v.Status().UndoBytes)
 	}
 	a.v.link.cfg.ResyncMaxRate = 0
 	fault.setCut(false)

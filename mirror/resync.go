@@ -169,6 +169,7 @@ func (s *session) runResync() {
 	slow := rate.NewLimiter(rate.Limit(cfg.ResyncMinRate), int(max(cfg.ResyncMinRate/10, resyncChunk)))
 	checkpoint := time.Now()
 	cursor := int64(0)
+	sent := false // this pass
 	for {
 		off, n, ok := v.dirty.NextDirty(cursor, resyncChunk)
 		if !ok {
@@ -178,9 +179,18 @@ func (s *session) runResync() {
 			if v.dirty.Count() == 0 {
 				break
 			}
+			if !sent && !s.waitJournal(ctx) {
+				return
+			}
+			sent = false
 			cursor = 0 // bits set again while we were Ahead: another pass
 			continue
 		}
+		if j := s.l.journal; j != nil && j.covered(off, n) {
+			cursor = off + n // queued journal records will carry it
+			continue
+		}
+		sent = true
 		if !s.resync.waitWindow(n, cfg.ResyncWindow, s) {
 			return
 		}
@@ -195,6 +205,11 @@ func (s *session) runResync() {
 				return
 			}
 		}
+		// On a capped link resync keeps to its share while live writes
+		// flow, so that they are not queued behind resync data.
+		if err := s.l.shaper.waitResync(ctx, n); err != nil {
+			return
+		}
 		if !s.sendResync(off, n) {
 			return
 		}
@@ -208,6 +223,24 @@ func (s *session) runResync() {
 		}
 	}
 	s.finishResync()
+}
+
+// waitJournal waits for the journal to retire a record: what is left dirty
+// is all covered by queued records, and a pass now would send nothing.
+func (s *session) waitJournal(ctx context.Context) bool {
+	j := s.l.journal
+	if j == nil {
+		return true
+	}
+	t := time.NewTimer(100 * time.Millisecond) // the bits may also clear without a record
+	defer t.Stop()
+	select {
+	case <-j.progress:
+	case <-t.C:
+	case <-ctx.Done():
+		return false
+	}
+	return true
 }
 
 // appBusy reports application writes in flight on this session.
@@ -267,6 +300,7 @@ func (s *session) finishResync() {
 	}
 	s.qmu.Unlock()
 	s.resync.stop()
+	s.l.behindSince.Store(0)
 	s.reply(wan.Header{Type: wan.FrameResyncDone}, b)
 	s.l.log.Info().Msg("resync finished: peer is UpToDate")
 	v.ev.emit("peer", v.Status())
@@ -281,6 +315,10 @@ func (s *session) resyncDone(_ uint64, g wan.Generations) error {
 	}
 	if err := v.finishAsTarget(g); err != nil {
 		return err
+	}
+	// The new generation is durable: the old image is history.
+	if err := v.discardUndo(); err != nil {
+		s.l.log.Error().Err(err).Msg("discard undo log")
 	}
 	s.syncing.Store(false)
 	s.resync.stop()
@@ -433,6 +471,7 @@ func (s *session) digestReq(f wan.Frame) error {
 }
 
 func (s *session) digestReply(f wan.Frame) {
+	s.lastAck.Store(time.Now().UnixNano())
 	s.qmu.Lock()
 	e := s.tl[f.Seq]
 	delete(s.tl, f.Seq)
@@ -443,6 +482,8 @@ func (s *session) digestReply(f wan.Frame) {
 	}
 	differs := f.Errno != 0 || len(f.Payload) != 40 || [32]byte(f.Payload[8:40]) != e.digest
 	if differs {
+		// A new epoch: no in-flight acknowledgement may clear this bit.
+		s.epoch.Add(1)
 		s.v.dirty.Set(e.off, e.n)
 	}
 	vr.mu.Lock()

@@ -187,6 +187,9 @@ func (v *Volume) Promote(o PromoteOptions) error {
 		v.role.Store(uint32(RolePrimary))
 		return nil
 	}
+	if err := v.promoteUndo(o); err != nil {
+		return err
+	}
 	if d := v.Disk(); d != DiskUpToDate && !o.Force {
 		if d == DiskInconsistent {
 			return ErrInconsistent
@@ -226,6 +229,25 @@ func (v *Volume) Promote(o PromoteOptions) error {
 	}
 	v.ev.emit("volume", v.Status())
 	return nil
+}
+
+// promoteUndo settles an interrupted resync before a promotion: with the
+// source gone, the undo log is rolled back so that the promoted volume is
+// the last consistent image this node held; with the resync still running
+// only a forced promotion proceeds, keeping the half-copied image.
+func (v *Volume) promoteUndo(o PromoteOptions) error {
+	if v.undo.Load() == nil {
+		return nil
+	}
+	if v.link != nil {
+		if s := v.link.current(); s != nil && s.replState() == ReplSyncTarget {
+			if !o.Force {
+				return ErrInconsistent
+			}
+			return v.discardUndo()
+		}
+	}
+	return v.rollbackUndo()
 }
 
 // Demote makes this node Secondary: new writes are refused, writes in

@@ -19,12 +19,15 @@ import (
 // order and acknowledges. When the session ends, every unacknowledged write
 // becomes a dirty bit: exactly the regions the peer may lack.
 type session struct {
-	l    *link
-	v    *Volume
+	l *link
+	v *Volume
+	// conn is the TCP connection (under the rate cap), closed to end the
+	// session; r and w frame the stream over it (TLS, if on).
 	conn net.Conn
 	r    *wan.Reader
 	w    *wan.Writer
 	peer wan.Hello
+	zstd bool // data frames are compressed both ways
 
 	// out carries every frame after the handshake, with group commit. In
 	// sync mode the goroutine that has a frame writes it itself (no
@@ -34,19 +37,29 @@ type session struct {
 	out *sendPath
 
 	// qmu guards the transfer log and the state below.
-	qmu      sync.Mutex
-	seq      uint64
-	tl       map[uint64]*tlEntry
-	unacked  int64 // async bytes sent or buffered, not acknowledged
-	closed   bool
-	err      error
-	repl     ReplState
-	kick     chan struct{}
-	done     chan struct{}
+	qmu     sync.Mutex
+	seq     uint64
+	tl      map[uint64]*tlEntry
+	unacked int64 // async bytes sent or buffered, not acknowledged
+	closed  bool
+	err     error
+	repl    ReplState
+	kick    chan struct{}
+	jkick   chan struct{} // the journal has records to send
+	done    chan struct{}
+	// room wakes the journal drainer when acknowledgements free window
+	// space (L is qmu).
+	room sync.Cond
+	// lagq holds the write time of async writes in flight, in sequence
+	// order (acks arrive in that order): its head is the age of the
+	// oldest write the peer lacks.
+	lagq     []lagMark
+	lagFirst int
 	loops    sync.WaitGroup
 	failOnce sync.Once
 
 	lastRecv       atomic.Int64 // unix nanos
+	lastAck        atomic.Int64 // unix nanos of the last acknowledgement (progress)
 	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
@@ -56,6 +69,10 @@ type session struct {
 	// Secondary side.
 	applying sync.WaitGroup
 	syncing  atomic.Bool // we are the sync target of a running resync
+	// fullSync: this session's resync rewrites the whole disk (unrelated
+	// data, split-brain resolution), so no undo log: it would be as large
+	// as the volume.
+	fullSync bool
 
 	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
@@ -81,27 +98,48 @@ type tlEntry struct {
 	done   chan error // sync waiters; nil for async
 	epoch  uint64
 	digest [32]byte
+	// journaled writes: the record's sequence in the journal; written is
+	// when the application wrote it (unix nanos), for the lag.
+	journaled bool
+	jseq      uint64
+	written   int64
+}
+
+type lagMark struct {
+	seq     uint64
+	written int64
 }
 
 // establish authenticates a fresh connection, compares generations and
 // exchanges bitmaps. On success the returned session is ready to run.
-func (l *link) establish(c net.Conn) (*session, error) {
+func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	v := l.v
-	if tc, ok := c.(*net.TCPConn); ok {
+	if tc, ok := tcp.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
-	_ = c.SetDeadline(time.Now().Add(handshakeTimeout))
+	_ = tcp.SetDeadline(time.Now().Add(handshakeTimeout))
+	c, stream, binding, err := l.secure(tcp, dialed)
+	if err != nil {
+		return nil, err
+	}
 	s := &session{
-		l: l, v: v, conn: c, r: wan.NewReader(c), w: wan.NewWriter(c),
-		tl: make(map[uint64]*tlEntry), kick: make(chan struct{}, 1), done: make(chan struct{}),
+		l: l, v: v, conn: c, r: wan.NewReader(stream), w: wan.NewWriter(stream),
+		tl: make(map[uint64]*tlEntry), kick: make(chan struct{}, 1), jkick: make(chan struct{}, 1), done: make(chan struct{}),
 	}
 	s.resync.cond.L = &s.resync.mu
+	s.room.L = &s.qmu
 	own := v.hello()
-	peer, err := wan.Handshake(s.r, s.w, own, l.cfg.Secret)
+	if l.cfg.Compress {
+		own.Flags |= wan.HelloZstd
+	}
+	peer, err := wan.HandshakeBound(s.r, s.w, own, l.cfg.Secret, binding)
 	if err != nil {
 		return nil, fmt.Errorf("handshake with %s: %w", c.RemoteAddr(), err)
 	}
 	s.peer = peer
+	if s.zstd = l.cfg.Compress && peer.Flags&wan.HelloZstd != 0; s.zstd {
+		s.r.EnableDecompression()
+	}
 	refuse := func(format string, a ...any) (*session, error) {
 		msg := fmt.Sprintf(format, a...)
 		_ = s.w.WriteFrame(wan.Header{Type: wan.FrameClose}, []byte(msg))
@@ -162,6 +200,15 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		if d.Action == ActTarget || peerBM.Count() > 0 {
 			role = ReplSyncTarget
 			s.resync.start(peerBM.DirtyBytes())
+			// Live writes may arrive before the first resync data and
+			// are newer than what this disk lacks: protect the image
+			// from the first frame.
+			s.fullSync = d.Full
+			if !d.Full {
+				if err := v.beginUndo(); err != nil {
+					return refuse("start undo log: %v", err)
+				}
+			}
 		}
 	}
 	if d.Action == ActNone && role == ReplEstablished && v.Role() == RoleSecondary {
@@ -171,11 +218,16 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		_ = v.clearSplitBrainFlag()
 	}
 	_ = c.SetDeadline(time.Time{})
-	s.out = newSendPath(c, l.cfg.Mode == ModeAsync)
+	s.out = newSendPath(stream, l.cfg.Mode == ModeAsync)
+	if s.zstd {
+		s.out.enableCompression(l.zstd)
+	}
 	s.repl = role
 	s.lastRecv.Store(time.Now().UnixNano())
+	s.lastAck.Store(s.lastRecv.Load())
 	if role == ReplSyncSource {
 		s.resync.start(v.dirty.DirtyBytes())
+		l.markBehind()
 	}
 	l.mu.Lock()
 	l.sess.Store(s)
@@ -249,6 +301,11 @@ func (s *session) exchangeBitmaps() (*bitmap.Bitmap, error) {
 func (s *session) run() {
 	source := s.repl == ReplSyncSource // read before the loops may change it
 	s.loops.Add(3)
+	if j := s.l.journal; j != nil {
+		j.attach(s)
+		s.loops.Add(1)
+		go s.drainLoop()
+	}
 	go s.sendLoop()
 	go s.recvLoop()
 	go s.watchdog()
@@ -275,9 +332,14 @@ func (s *session) fail(err error) {
 		s.qmu.Lock()
 		s.closed = true
 		s.err = err
+		s.room.Broadcast()
 		s.qmu.Unlock()
 		_ = s.conn.Close()
 		s.wake()
+		select {
+		case s.jkick <- struct{}{}:
+		default:
+		}
 		go s.teardown()
 	})
 }
@@ -307,8 +369,18 @@ func (s *session) teardown() {
 		}
 		delete(s.tl, seq)
 	}
+	s.lagq, s.lagFirst = nil, 0
 	vr := s.verify
 	s.qmu.Unlock()
+	if j := l.journal; j != nil {
+		// Journaled writes set their bits when they were queued.
+		if err := j.detach(s); err != nil {
+			l.log.Error().Err(err).Msg("reset journal after disconnect")
+		}
+	}
+	if v.dirty.Count() > 0 {
+		l.markBehind()
+	}
 	s.resync.wakeAll()
 	s.resync.stop()
 	if vr != nil {
@@ -370,6 +442,12 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 			seq = h.Seq
 			e.sent = time.Now()
 			s.tl[h.Seq] = e
+			if e.kind == entWrite && e.done == nil {
+				if e.written == 0 {
+					e.written = e.sent.UnixNano()
+				}
+				s.lagq = append(s.lagq, lagMark{seq: seq, written: e.written})
+			}
 		}
 		return true
 	})
@@ -378,6 +456,7 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 	}
 	if ok {
 		s.l.stats.sentBytes.Add(uint64(len(payload) + wan.HeaderSize))
+		s.l.shaper.note(h.Type, len(payload)+wan.HeaderSize)
 	}
 	return seq, ok
 }
@@ -460,7 +539,10 @@ func (s *session) watchdog() {
 			s.fail(fmt.Errorf("peer silent for %v (timeout %v)", silent.Round(time.Millisecond), s.l.cfg.Timeout))
 			return
 		}
-		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout {
+		// A request waits long when the link is slow (a bandwidth cap, a
+		// WAN) and much is queued ahead of it; the peer is lost only when
+		// acknowledgements stopped coming too.
+		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout && now.Sub(time.Unix(0, s.lastAck.Load())) > s.l.cfg.Timeout {
 			s.fail(fmt.Errorf("peer left a request unacknowledged for %v (timeout %v)", now.Sub(oldest).Round(time.Millisecond), s.l.cfg.Timeout))
 			return
 		}
@@ -480,39 +562,11 @@ var dataPool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return 
 // closed before o was sequenced (the caller then treats the peer as gone).
 func (s *session) replicate(o op) (ok bool, err error) {
 	v := s.v
-	h := wan.Header{Type: wan.FrameWrite, Offset: uint64(o.off)}
-	var payload []byte
-	if o.kind == opZero {
-		h.Type = wan.FrameZero
-		payload = wan.PutU64(uint64(o.n))
-		if o.mayUnmap {
-			h.Flags |= wan.FlagUnmap
-		}
-	}
-	if o.fua {
-		h.Flags |= wan.FlagFUA
-	}
 	if s.l.cfg.Mode == ModeAsync {
-		if s.ahead.Load() || !s.reserve(o.n) {
-			// Ahead: the peer falls behind; the bitmap carries the write
-			// until the catch-up resync.
-			v.dirty.Set(o.off, o.n)
-			return true, v.apply(o)
-		}
-		if o.kind == opWrite {
-			payload = o.p // copied into the frame buffer before transmit returns
-		}
-		e := &tlEntry{kind: entWrite, off: o.off, n: o.n}
-		if _, ok := s.transmit(h, payload, nil, e); !ok {
-			s.release(o.n)
-			return false, nil
-		}
-		return true, v.apply(o)
+		return s.replicateAsync(o)
 	}
+	h, payload := writeFrame(o)
 	h.Flags |= wan.FlagSync
-	if o.kind == opWrite {
-		payload = o.p // the sender is done with it before we are released
-	}
 	e := &tlEntry{kind: entWrite, off: o.off, n: o.n, done: make(chan error, 1)}
 	if _, ok := s.direct(h, payload, e, sendFlush); !ok {
 		return false, nil
@@ -524,39 +578,21 @@ func (s *session) replicate(o op) (ok bool, err error) {
 	return true, lerr
 }
 
-// reserve accounts async bytes against the window; false means the window
-// is full and the session goes Ahead.
-func (s *session) reserve(n int64) bool {
-	s.qmu.Lock()
-	defer s.qmu.Unlock()
-	if s.unacked+n > s.l.cfg.AsyncWindow && s.unacked > 0 {
-		if !s.ahead.Swap(true) {
-			s.epoch.Add(1)
-			s.repl = ReplAhead
-			s.l.log.Warn().Int64("unacked_bytes", s.unacked).Msg("async window full: Ahead, tracking writes in the bitmap")
-			go s.v.ev.emit("peer", s.v.Status())
+// writeFrame is the frame that carries o (payload aliases o.p).
+func writeFrame(o op) (wan.Header, []byte) {
+	h := wan.Header{Type: wan.FrameWrite, Offset: uint64(o.off)}
+	payload := o.p
+	if o.kind == opZero {
+		h.Type = wan.FrameZero
+		payload = wan.PutU64(uint64(o.n))
+		if o.mayUnmap {
+			h.Flags |= wan.FlagUnmap
 		}
-		return false
 	}
-	s.unacked += n
-	return true
-}
-
-func (s *session) release(n int64) {
-	s.qmu.Lock()
-	s.unacked -= n
-	catchUp := s.ahead.Load() && s.unacked == 0 && s.repl == ReplAhead
-	if catchUp {
-		s.repl = ReplSyncSource
+	if o.fua {
+		h.Flags |= wan.FlagFUA
 	}
-	s.qmu.Unlock()
-	if catchUp {
-		// The backlog drained: catch up from the bitmap, then replicate
-		// live again.
-		s.ahead.Store(false)
-		s.resync.start(s.v.dirty.DirtyBytes())
-		go s.runResync()
-	}
+	return h, payload
 }
 
 func (s *session) flush() {
@@ -577,6 +613,9 @@ func (s *session) recvLoop() {
 	for {
 		f, err := s.r.ReadFrame()
 		if err != nil {
+			if s.l.cfg.TLS != nil {
+				err = wan.StreamError(err)
+			}
 			s.fail(fmt.Errorf("receive: %w", err))
 			return
 		}
@@ -638,6 +677,7 @@ func (s *session) handle(f wan.Frame) error {
 
 // acked retires a transfer-log entry.
 func (s *session) acked(seq uint64, errno uint32) {
+	s.lastAck.Store(time.Now().UnixNano())
 	s.qmu.Lock()
 	e := s.tl[seq]
 	delete(s.tl, seq)
@@ -657,16 +697,30 @@ func (s *session) acked(seq uint64, errno uint32) {
 	case entWrite:
 		if e.done != nil {
 			e.done <- nil
-		} else {
-			s.release(e.n)
+			break
 		}
+		s.qmu.Lock()
+		for s.lagFirst < len(s.lagq) && s.lagq[s.lagFirst].seq <= seq {
+			s.lagFirst++
+		}
+		if s.lagFirst == len(s.lagq) {
+			s.lagq, s.lagFirst = s.lagq[:0], 0
+		} else if s.lagFirst > 4096 && 2*s.lagFirst > len(s.lagq) {
+			s.lagq = append(s.lagq[:0], s.lagq[s.lagFirst:]...)
+			s.lagFirst = 0
+		}
+		s.qmu.Unlock()
+		if e.journaled {
+			s.l.journal.ack(s, e.jseq)
+		}
+		s.release(e.n)
 	case entFlush:
 		if e.done != nil {
 			e.done <- nil
 		}
 	case entResync:
-		if errno == 0 && e.epoch == s.epoch.Load() {
-			s.v.dirty.ClearRegions(e.off, e.n)
+		if errno == 0 {
+			s.clearSynced(e.off, e.n, e.epoch)
 		}
 		s.resync.acked(e.n)
 	}
@@ -694,7 +748,13 @@ func (s *session) applyRemote(f wan.Frame) error {
 	if f.Type == wan.FrameResyncData && !s.syncing.Load() {
 		// The first resync data makes this disk Inconsistent until the
 		// source says the resync is done: a half-copied disk must never
-		// be promoted.
+		// be promoted as it is. The undo log keeps the image it held
+		// before recoverable.
+		if !s.fullSync {
+			if err := v.beginUndo(); err != nil {
+				return err
+			}
+		}
 		if err := v.setDisk(DiskInconsistent); err != nil {
 			return err
 		}
@@ -709,7 +769,7 @@ func (s *session) applyRemote(f wan.Frame) error {
 		// Applied in stream order, so the region is current here: forget
 		// it, or the next connect (after a cut or a crash) would hand the
 		// source the whole original set and restart the resync from zero.
-		err := v.apply(o)
+		err := v.applyRemote(o)
 		if err == nil {
 			v.dirty.ClearRegions(o.off, o.n)
 			if s.incoming != nil {
@@ -726,11 +786,11 @@ func (s *session) applyRemote(f wan.Frame) error {
 		s.applying.Add(1)
 		go func() {
 			defer s.applying.Done()
-			s.ackApply(f.Seq, v.apply(o), sendFlush)
+			s.ackApply(f.Seq, v.applyRemote(o), sendFlush)
 		}()
 		return nil
 	}
-	s.ackApply(f.Seq, v.apply(o), s.holdMode())
+	s.ackApply(f.Seq, v.applyRemote(o), s.holdMode())
 	return nil
 }
 

@@ -15,6 +15,9 @@ type Status struct {
 	OutOfSyncBytes int64       `json:"out_of_sync_bytes"`
 	Generations    string      `json:"generations,omitempty"`
 	Peer           *PeerStatus `json:"peer,omitempty"`
+	// UndoBytes is the undo log of a sync target whose last consistent
+	// image is being overwritten by a resync: promoting rolls it back.
+	UndoBytes int64 `json:"undo_bytes,omitempty"`
 	// Fence is the failover agent's write fence: suspend or error ("" when
 	// writes pass).
 	Fence string `json:"fence,omitempty"`
@@ -37,6 +40,56 @@ type PeerStatus struct {
 	ResyncBytes    uint64        `json:"resync_bytes"`
 	Resync         *ResyncStatus `json:"resync,omitempty"`
 	Reason         string        `json:"reason,omitempty"`
+	// LagBytes and LagSeconds: how far the peer is behind this Primary
+	// (see Volume.Lag).
+	LagBytes   int64   `json:"lag_bytes"`
+	LagSeconds float64 `json:"lag_seconds"`
+	// MaxLagBytes, MaxLagSeconds and LagPolicy are the configured bound
+	// (0: none); LagOverBound reports the last sample over it.
+	MaxLagBytes   int64   `json:"max_lag_bytes,omitempty"`
+	MaxLagSeconds float64 `json:"max_lag_seconds,omitempty"`
+	LagPolicy     string  `json:"lag_policy,omitempty"`
+	LagOverBound  bool    `json:"lag_over_bound,omitempty"`
+	// JournalBytes is the async journal in use (records not yet
+	// acknowledged), JournalCapacity its size (0: no journal).
+	JournalBytes    int64          `json:"journal_bytes"`
+	JournalCapacity int64          `json:"journal_capacity,omitempty"`
+	Journal         *JournalStatus `json:"journal,omitempty"`
+	Transport       Transport      `json:"transport"`
+}
+
+// JournalStatus describes the async journal.
+type JournalStatus struct {
+	// QueuedBytes is the data not yet sent; HighWater the most of the
+	// ring ever in use.
+	QueuedBytes   int64  `json:"queued_bytes"`
+	Records       int    `json:"records"`
+	HighWater     int64  `json:"high_water_bytes"`
+	SpilledWrites uint64 `json:"spilled_writes"`
+	SpilledBytes  uint64 `json:"spilled_bytes"`
+	FullEvents    uint64 `json:"full_events"`
+}
+
+// Transport describes the link's security, compression and bandwidth.
+type Transport struct {
+	TLS bool `json:"tls"`
+	// Compression is "zstd" while the session compresses, else "off".
+	Compression string `json:"compression"`
+	// CompressionRatio is data bytes offered over bytes sent for them, over
+	// the link's life (1: nothing saved); DataBytes and WireDataBytes are its
+	// terms.
+	CompressionRatio float64 `json:"compression_ratio"`
+	DataBytes        uint64  `json:"data_bytes"`
+	WireDataBytes    uint64  `json:"wire_data_bytes"`
+	// RateLimit is the cap on what this node sends, bytes/s (0: none), and
+	// ResyncShare resync's share of it while live writes flow.
+	RateLimit   int64 `json:"rate_limit_bytes_per_s"`
+	ResyncShare int   `json:"resync_share_percent"`
+	// Rates over the last few seconds: everything on the wire (after TLS
+	// and compression), and live and resync frames before compression.
+	WireRate   float64 `json:"wire_rate_bytes_per_s"`
+	LiveRate   float64 `json:"live_rate_bytes_per_s"`
+	ResyncRate float64 `json:"resync_rate_bytes_per_s"`
 }
 
 // Status reports the volume's state.
@@ -51,6 +104,7 @@ func (v *Volume) Status() Status {
 	if v.meta != nil {
 		st.Generations = genString(v.meta.snapshot().gen)
 	}
+	st.UndoBytes = v.undoBytes()
 	if v.link == nil {
 		return st
 	}
@@ -91,8 +145,34 @@ func (v *Volume) Status() Status {
 			ps.PeerDisk = DiskInconsistent.String()
 		}
 	}
+	bytes, age := v.Lag()
+	ps.LagBytes, ps.LagSeconds = bytes, age.Seconds()
+	if l.bounded() {
+		ps.MaxLagBytes, ps.MaxLagSeconds = l.cfg.MaxLagBytes, l.cfg.MaxLagTime.Seconds()
+		ps.LagPolicy = l.cfg.LagPolicy.String()
+		ps.LagOverBound = l.lagOver()
+	}
+	if j := l.journal; j != nil {
+		ps.Journal = j.status()
+		ps.JournalBytes, ps.JournalCapacity = j.usedBytes(), j.capacity
+	}
+	ps.Transport = l.transport(s)
 	st.Peer = ps
 	return st
+}
+
+func (l *link) transport(s *session) Transport {
+	z := l.zstd.Stats()
+	t := Transport{
+		TLS: l.cfg.TLS != nil, Compression: "off",
+		CompressionRatio: z.Ratio(), DataBytes: z.RawBytes, WireDataBytes: z.WireBytes,
+		RateLimit: l.shaper.limit.Load(), ResyncShare: int(l.shaper.share.Load()),
+		WireRate: l.shaper.wire.rate(), LiveRate: l.shaper.live.rate(), ResyncRate: l.shaper.resyncM.rate(),
+	}
+	if s != nil && s.zstd {
+		t.Compression = "zstd"
+	}
+	return t
 }
 
 // Event is one state change, as a JSON line in `mirrord events`.

@@ -95,6 +95,9 @@ type Volume struct {
 	fc       fence         // the failover agent's write fence
 	fencePro bool          // Options.FencePromotions
 	onBeacon func([]byte)  // Options.OnBeacon
+	// undo guards the last consistent image while a resync overwrites
+	// it (sync target only; nil otherwise).
+	undo atomic.Pointer[undoLog]
 
 	closed atomic.Bool
 }
@@ -205,11 +208,15 @@ func (v *Volume) openMeta(opts Options, created bool) error {
 	v.disk.Store(uint32(disk))
 	v.role.Store(uint32(RoleSecondary))
 	v.pristine.Store(sb.flags&flagPristine != 0)
-	return m.update(func(s *superblock) {
+	err = m.update(func(s *superblock) {
 		s.flags &^= flagClean
 		s.disk = disk
 		s.role = RoleSecondary
 	})
+	if err != nil {
+		return err
+	}
+	return v.loadUndo()
 }
 
 func createSparse(path string, size int64) (*os.File, error) {
@@ -326,7 +333,7 @@ const (
 // peer is away, and no failover agent may hold its writes. (nbd serves
 // such requests without a goroutine hand-off.)
 func (v *Volume) LocalOnly() bool {
-	return !v.fencePro && (v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO))
+	return !v.fencePro && (v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO && !v.link.holds()))
 }
 
 // WriteAt writes p at off; with fua the data is on stable storage (on both
@@ -347,6 +354,9 @@ func (v *Volume) WriteZeroes(off, length int64, mayUnmap, fua bool) error {
 }
 
 func (v *Volume) modify(o op) error {
+	if v.link != nil {
+		v.link.holdForLag() // before the gate: a held write must not stall Close
+	}
 	// One atomic load when unfenced: this is the hottest path. A write
 	// that finds the fence set waits outside the gate, so that Demote
 	// (which takes the gate) can fail it.
@@ -515,6 +525,9 @@ func (v *Volume) Close() error {
 			errs = append(errs, err)
 		}
 		errs = append(errs, v.meta.close())
+	}
+	if u := v.undo.Load(); u != nil {
+		errs = append(errs, u.close())
 	}
 	errs = append(errs, v.f.Close())
 	v.DisarmWatchdog()

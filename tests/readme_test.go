@@ -27,27 +27,12 @@ func TestREADMEDemoScript(t *testing.T) {
 			break
 		}
 	}
-	cmd := exec.Command("bash", "../scripts/demo.sh")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("DEMO_PEER_PORT=%d", port))
-	done := make(chan struct{})
-	var out []byte
-	var err error
-	go func() { out, err = cmd.CombinedOutput(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Minute):
-		_ = cmd.Process.Kill()
-		<-done
-		t.Fatalf("demo.sh did not finish in 5 minutes:\n%s", out)
-	}
-	if err != nil {
-		t.Fatalf("demo.sh failed: %v\n%s", err, out)
-	}
+	out := runScript(t, 5*time.Minute, append(os.Environ(), fmt.Sprintf("DEMO_PEER_PORT=%d", port)), "../scripts/demo.sh")
 	for _, want := range []string{
 		"role:Primary", "role:Secondary", "connection:Connected replication:Established",
 		"e2fsck: clean", "0 B out of sync", "REPLICAS IDENTICAL",
 	} {
-		if !strings.Contains(string(out), want) {
+		if !strings.Contains(out, want) {
 			t.Errorf("demo output lacks %q", want)
 		}
 	}

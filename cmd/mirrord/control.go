@@ -111,6 +111,7 @@ func (c *controlServer) handler() http.Handler {
 		c.act(w, "discard-my-data", c.vol.DiscardMyData())
 	})
 	mux.HandleFunc("POST /verify", c.verify)
+	mux.HandleFunc("POST /set", c.set)
 	// Profiling for operators and benchmarks; the socket is root-only.
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -125,6 +126,36 @@ func (c *controlServer) act(w http.ResponseWriter, what string, err error) {
 	}
 	c.log.Info().Str("command", what).Msg("control command done")
 	writeJSON(w, http.StatusOK, c.vol.Status())
+}
+
+// runtimeKeys are the config keys `mirrord set` changes in a running daemon.
+var runtimeKeys = []string{"peer.rate-limit", "peer.resync-share"}
+
+// set changes one runtime key: POST /set?key=K&value=V.
+func (c *controlServer) set(w http.ResponseWriter, r *http.Request) {
+	key, val := r.URL.Query().Get("key"), r.URL.Query().Get("value")
+	st := c.vol.Status()
+	if st.Peer == nil {
+		c.act(w, "set "+key, mirror.ErrNoPeer)
+		return
+	}
+	limit, share := st.Peer.Transport.RateLimit, st.Peer.Transport.ResyncShare
+	var err error
+	switch key {
+	case "peer.rate-limit":
+		limit, err = ParseRate(val)
+	case "peer.resync-share":
+		share, err = ParsePercent(val)
+		if err == nil && share == 0 {
+			err = fmt.Errorf("peer.resync-share: must be at least 1%%")
+		}
+	default:
+		err = fmt.Errorf("%w: %q cannot be changed at runtime (only %s)", errUsage, key, strings.Join(runtimeKeys, ", "))
+	}
+	if err == nil {
+		err = c.vol.SetPeerRateLimit(limit, share)
+	}
+	c.act(w, "set "+key+"="+val, err)
 }
 
 // events streams state changes as JSON lines, starting with the current

@@ -1,0 +1,383 @@
+package mirror
+
+import (
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Stamped writes: block i holds i+1 in its first 8 bytes, written in
+// order i = 0, 1, ... so that any prefix of the history is "blocks 0..k
+// stamped, the rest zero".
+
+func writeStamped(t *testing.T, v *Volume, from, to int) {
+	t.Helper()
+	buf := make([]byte, 4096)
+	for i := from; i < to; i++ {
+		binary.LittleEndian.PutUint64(buf, uint64(i+1))
+		if err := v.WriteAt(buf, int64(i)*4096, false); err != nil {
+			t.Fatalf("write block %d: %v", i, err)
+		}
+	}
+}
+
+// prefixLen checks that the image holds a prefix of the stamped history
+// and returns its length. It reads the blocks last to first, so a live
+// image (applied in stream order meanwhile) is checked correctly too:
+// whatever was written before a block we saw stamped was applied before
+// it, so is there when we read it later.
+func prefixLen(t *testing.T, read func(p []byte, off int64) error, blocks int) int {
+	t.Helper()
+	buf := make([]byte, 8)
+	n := -1
+	for i := blocks - 1; i >= 0; i-- {
+		if err := read(buf, int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+		seq := binary.LittleEndian.Uint64(buf)
+		switch {
+		case seq == 0 && n >= 0:
+			t.Fatalf("block %d is empty below stamped block %d: not a prefix", i, n-1)
+		case seq != 0 && seq != uint64(i+1):
+			t.Fatalf("block %d holds stamp %d", i, seq)
+		case seq != 0 && n < 0:
+			n = i + 1
+		}
+	}
+	return max(n, 0)
+}
+
+func fileReader(t *testing.T, path string) func(p []byte, off int64) error {
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.Close() })
+	return func(p []byte, off int64) error { _, err := f.ReadAt(p, off); return err }
+}
+
+// asyncPrimary starts a connected pair with a Primary.
+func asyncPrimary(t testing.TB, po pairOpts) (a, b *node, fault *netFault) {
+	t.Helper()
+	a, b, fault = newPair(t, po)
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return a, b, fault
+}
+
+func journalPeer(window, journal int64) func(*PeerConfig) {
+	return func(pc *PeerConfig) {
+		pc.AsyncWindow = window
+		pc.JournalSize = journal
+	}
+}
+
+// TestAsyncBurstSpillsToJournalAndDrains: a burst well above the link rate
+// overflows the window into the journal; the target stays a prefix of the
+// history at every moment, never goes Behind, and ends identical.
+func TestAsyncBurstSpillsToJournalAndDrains(t *testing.T) {
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 16<<20)})
+	fault.slow.Store(rate.NewLimiter(8<<20, 64<<10)) // 8 MiB/s
+	const blocks = 2000                              // 8 MiB: ~1 s of link
+	stop := make(chan struct{})
+	var checks atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		read := fileReader(t, filepath.Join(b.dir, "disk.img"))
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			prefixLen(t, read, blocks)
+			checks.Add(1)
+		}
+	}()
+	start := time.Now()
+	writeStamped(t, a.v, 0, blocks)
+	wrote := time.Since(start)
+	st := a.v.Status().Peer
+	bytes, age := a.v.Lag()
+	t.Logf("burst of %d writes took %v; then lag %d bytes / %v, journal %d of %d bytes", blocks, wrote, bytes, age, st.JournalBytes, st.JournalCapacity)
+	if st.Journal == nil || st.Journal.SpilledWrites == 0 {
+		t.Fatalf("nothing spilled to the journal: %+v", st)
+	}
+	if bytes < 1<<20 || age <= 0 || st.LagBytes < 1<<20 {
+		t.Fatalf("lag right after the burst = %d bytes, %v (status %d): want the backlog", bytes, age, st.LagBytes)
+	}
+	waitFor(t, "drain", func() bool {
+		n, _ := a.v.Lag()
+		return n == 0 && established(a.v)
+	})
+	close(stop)
+	wg.Wait()
+	st = a.v.Status().Peer
+	if st.Journal.FullEvents != 0 || st.JournalBytes != 0 || a.v.Status().OutOfSyncBytes != 0 {
+		t.Fatalf("after the drain: %+v, out of sync %d", st.Journal, a.v.Status().OutOfSyncBytes)
+	}
+	if b.v.Status().UndoBytes != 0 || b.v.Disk() != DiskUpToDate {
+		t.Fatal("target went through a resync: the journal should have carried the burst")
+	}
+	t.Logf("journal high water %d bytes, %d spilled writes, %d prefix checks of the live target", st.Journal.HighWater, st.Journal.SpilledWrites, checks.Load())
+	assertIdentical(t, a, b)
+}
+
+// stallAndOverflow pauses the link and writes blocks [from, to) so that
+// the window and the journal overflow: the primary goes Ahead.
+func stallAndOverflow(t *testing.T, a *node, fault *netFault, from, to int) {
+	t.Helper()
+	fault.paused.Store(true)
+	writeStamped(t, a.v, from, to)
+	st := a.v.Status().Peer
+	if st.Replication != string(ReplAhead) || st.Journal.FullEvents == 0 {
+		t.Fatalf("after overflowing the journal: replication %s, %+v; want Ahead", st.Replication, st.Journal)
+	}
+	if n, age := a.v.Lag(); n < int64(to-from)*4096/2 || age <= 0 {
+		t.Fatalf("lag while Ahead = %d bytes, %v", n, age)
+	}
+}
+
+// TestAsyncStallGoesJournalAheadCatchUp: a stalled link fills the window,
+// then the journal, then goes Ahead; when it recovers the journal drains
+// (the target a prefix throughout) and the catch-up resync runs under the
+// target's undo log, ending identical with the undo log gone.
+func TestAsyncStallGoesJournalAheadCatchUp(t *testing.T) {
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 2<<20)})
+	const blocks = 1500
+	writeStamped(t, a.v, 0, 100)
+	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
+	stallAndOverflow(t, a, fault, 100, blocks)
+	read := fileReader(t, filepath.Join(b.dir, "disk.img"))
+	before := prefixLen(t, read, blocks)
+	fault.paused.Store(false)
+	sawUndo := false
+	waitFor(t, "catch-up", func() bool {
+		if b.v.Status().UndoBytes > 0 {
+			sawUndo = true
+		} else if b.v.Disk() == DiskUpToDate {
+			prefixLen(t, read, blocks) // before the catch-up starts: a prefix
+		}
+		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0 && b.v.Disk() == DiskUpToDate
+	})
+	if !sawUndo {
+		t.Fatal("never saw the target's undo log during the catch-up")
+	}
+	if n := b.v.Status().UndoBytes; n != 0 {
+		t.Fatalf("undo log still %d bytes after the catch-up", n)
+	}
+	if _, err := os.Stat(undoPath(b.opts.MetaPath)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("undo file after the catch-up: %v", err)
+	}
+	t.Logf("target held blocks 0..%d when the link recovered", before)
+	assertIdentical(t, a, b)
+}
+
+// TestPromoteMidCatchUpRollsBack loses the primary at several points of
+// the catch-up resync: the promoted target is the consistent image it held
+// before (a prefix of the history), also after a restart of the target.
+func TestPromoteMidCatchUpRollsBack(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		at      int64 // resync bytes the target has received
+		restart bool
+	}{
+		{"first region", 1, false},
+		{"a third", 1 << 20, false},
+		{"most, after a target restart", 3 << 20, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: journalPeer(256<<10, 1<<20)})
+			const blocks = 1500
+			writeStamped(t, a.v, 0, 300)
+			waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
+			stallAndOverflow(t, a, fault, 300, blocks)
+			read := fileReader(t, filepath.Join(b.dir, "disk.img"))
+			fault.paused.Store(false)
+			var image int
+			waitFor(t, "catch-up under way", func() bool {
+				if b.v.Status().UndoBytes == 0 {
+					image = prefixLen(t, read, blocks) // still the drain
+					return false
+				}
+				return int64(b.v.link.stats.resyncBytes.Load()) >= tc.at
+			})
+			// The primary dies (as far as the target can tell).
+			fault.setCut(true)
+			resynced := b.v.link.stats.resyncBytes.Load()
+			waitFor(t, "target sees the loss", func() bool { return b.v.Status().Peer.Connection != string(ConnConnected) })
+			if b.v.Disk() != DiskInconsistent || b.v.Status().UndoBytes == 0 {
+				t.Fatalf("mid catch-up: disk %s, undo %d", b.v.Disk(), b.v.Status().UndoBytes)
+			}
+			if tc.restart {
+				if err := b.v.Close(); err != nil {
+					t.Fatal(err)
+				}
+				b.reopen(t)
+				if b.v.Disk() != DiskInconsistent || b.v.Status().UndoBytes == 0 {
+					t.Fatalf("after restart: disk %s, undo %d", b.v.Disk(), b.v.Status().UndoBytes)
+				}
+			}
+			if err := b.v.Promote(PromoteOptions{}); err != nil {
+				t.Fatalf("promote mid catch-up: %v", err)
+			}
+			if b.v.Role() != RolePrimary || b.v.Disk() != DiskUpToDate || b.v.Status().UndoBytes != 0 {
+				t.Fatalf("after promote: %s %s undo %d", b.v.Role(), b.v.Disk(), b.v.Status().UndoBytes)
+			}
+			got := prefixLen(t, read, blocks)
+			if got < 300 || got < image {
+				t.Fatalf("promoted image holds blocks 0..%d; the target had 0..%d before the catch-up", got, image)
+			}
+			t.Logf("killed after %d resync bytes; promoted image = blocks 0..%d", resynced, got)
+		})
+	}
+}
+
+func TestLagPolicies(t *testing.T) {
+	const bound = 1 << 20
+	mk := func(t *testing.T, p LagPolicy) (a, b *node, fault *netFault) {
+		t.Helper()
+		return asyncPrimary(t, pairOpts{mode: ModeAsync, peer: func(pc *PeerConfig) {
+			pc.AsyncWindow, pc.JournalSize = 256<<10, 8<<20
+			pc.MaxLagBytes, pc.LagPolicy = bound, p
+		}})
+	}
+	t.Run("alert", func(t *testing.T) {
+		a, b, fault := mk(t, LagAlert)
+		events, cancel := a.v.Subscribe()
+		defer cancel()
+		fault.paused.Store(true)
+		writeStamped(t, a.v, 0, 2*bound/4096)
+		waitEvent := func(over bool) {
+			t.Helper()
+			deadline := time.After(10 * time.Second)
+			for {
+				select {
+				case e := <-events:
+					if e.Type == "lag" && e.Status.Peer.LagOverBound == over {
+						return
+					}
+				case <-deadline:
+					t.Fatalf("no lag event with over=%v", over)
+				}
+			}
+		}
+		waitEvent(true)
+		if n, _ := a.v.Lag(); n <= bound {
+			t.Fatalf("lag %d not over the bound %d", n, bound)
+		}
+		fault.paused.Store(false)
+		waitEvent(false)
+		waitFor(t, "drain", func() bool { n, _ := a.v.Lag(); return n == 0 })
+		assertIdentical(t, a, b)
+	})
+	t.Run("block", func(t *testing.T) {
+		a, b, fault := mk(t, LagBlock)
+		fault.paused.Store(true)
+		var written atomic.Int64
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			buf := make([]byte, 4096)
+			for i := range 3 * bound / 4096 {
+				if err := a.v.WriteAt(buf, int64(i)*4096, false); err != nil {
+					t.Errorf("write: %v", err)
+					return
+				}
+				written.Add(4096)
+			}
+		}()
+		waitFor(t, "writes held", func() bool {
+			w := written.Load()
+			n, _ := a.v.Lag()
+			return w > 0 && n >= bound && w < 3*bound
+		})
+		held := written.Load()
+		// Held: nothing more completes while the link is stalled (give
+		// the writer ten sampling periods to prove it).
+		deadline := time.Now().Add(10 * lagSample)
+		for time.Now().Before(deadline) {
+			if n, _ := a.v.Lag(); n > bound+4096 {
+				t.Fatalf("lag %d past the bound %d under the block policy", n, bound)
+			}
+			time.Sleep(lagSample)
+		}
+		if w := written.Load(); w > held+4096 {
+			t.Fatalf("writes went on while held: %d then %d", held, w)
+		}
+		fault.paused.Store(false)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Fatal("held writes never resumed")
+		}
+		waitFor(t, "drain", func() bool { n, _ := a.v.Lag(); return n == 0 })
+		assertIdentical(t, a, b)
+	})
+	t.Run("throttle", func(t *testing.T) {
+		a, b, fault := mk(t, LagThrottle)
+		buf := make([]byte, 4096)
+		start := time.Now()
+		writeStamped(t, a.v, 0, 50)
+		free := time.Since(start)
+		fault.paused.Store(true)
+		// One write brings the lag to the bound.
+		if err := a.v.WriteAt(make([]byte, bound), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		start = time.Now()
+		for i := range 10 {
+			if err := a.v.WriteAt(buf, int64(i)*4096, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		slowed := time.Since(start)
+		fault.paused.Store(false)
+		t.Logf("50 writes unthrottled: %v; 10 writes at the bound: %v", free, slowed)
+		if slowed < 10*MaxThrottleDelay*8/10 {
+			t.Fatalf("10 writes at the bound took %v, want about %v", slowed, 10*MaxThrottleDelay)
+		}
+		waitFor(t, "drain", func() bool { n, _ := a.v.Lag(); return n == 0 })
+		assertIdentical(t, a, b)
+	})
+}
+
+// TestJournalDuringResyncKeepsForeignBits: while a resync after a cut is
+// running, partial-region writes to regions still out of sync spill to the
+// journal. Their acknowledgement must not clear those regions' bits (the
+// rest of each region is still stale on the peer): the replicas end
+// identical.
+func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 2 << 20, peer: journalPeer(4096, 8<<20)})
+	fault.slow.Store(rate.NewLimiter(4<<20, 64<<10))
+	fault.setCut(true)
+	waitFor(t, "cut", func() bool { return a.v.Status().Peer.Connection != string(ConnConnected) })
+	writeStamped(t, a.v, 0, 1024) // 4 MiB out of sync
+	fault.setCut(false)
+	waitFor(t, "resync", func() bool { return a.v.Status().Peer.Replication == string(ReplSyncSource) })
+	buf := make([]byte, 512)
+	for i := range 1024 {
+		buf[0] = byte(i) | 1
+		if err := a.v.WriteAt(buf, int64(i)*4096+1024, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := a.v.Status().Peer; st.Journal.SpilledWrites == 0 {
+		t.Fatalf("test setup: nothing spilled during the resync: %+v", st.Journal)
+	}
+	waitFor(t, "in sync", func() bool {
+		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0 && a.v.Status().Peer.JournalBytes == 0
+	})
+	assertIdentical(t, a, b)
+}

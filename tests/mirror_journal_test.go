@@ -1,0 +1,205 @@
+package tests
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The async journal and the catch-up undo log, end to end: a stalled link
+// fills the window, then the journal, then the Primary goes Ahead; when
+// the link recovers the journal drains and the catch-up resync runs. The
+// Primary is killed (-9) at several points of that catch-up, and each
+// time the target, promoted, is a consistent ext4 that fscks clean and
+// holds every file written before the stall.
+
+// writeTree writes n files of about size bytes under dir/sub and returns
+// their sha256 by relative path.
+func writeTree(t *testing.T, dir, sub string, n, size int) map[string]string {
+	t.Helper()
+	r := newRand(t)
+	if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{}
+	for i := range n {
+		data := randomBytes(r, size/2+int(r.Uint64()%uint64(size)))
+		name := filepath.Join(sub, fmt.Sprintf("f%03d", i))
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		want[name] = sha256Bytes(data)
+	}
+	return want
+}
+
+func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
+	requireRoot(t)
+	requireTools(t, "nbdfuse", "fusermount3", "losetup", "mount", "umount", "mkfs.ext4", "e2fsck")
+	const size = 128 << 20
+	// Kill when the target has received this fraction of the catch-up.
+	for _, frac := range []float64{0.02, 0.5, 0.9} {
+		t.Run(fmt.Sprintf("at %.0f%%", 100*frac), func(t *testing.T) {
+			// A stall outlasts the 2 s test timeout; the window and the
+			// journal are small so that the writes below overflow both.
+			set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=4MiB"}
+			pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
+				alphaSet: append(set, "peer.resync-max-rate=4MiB"), betaSet: set})
+
+			s := attachExport(t, pr.alpha.p, size, false)
+			runCmd(t, cmdTimeout, "mkfs.ext4", "-q", "-F", s.loop)
+			s.mount("rw")
+			before := writeTree(t, s.mnt, "before", 16, 256<<10)
+			syscall.Sync()
+			s.umount()
+			pr.alpha.waitStatus("lag 0", stateTimeout, func(st mirrorStatus) bool {
+				return st.Peer != nil && st.Peer.LagBytes == 0 && st.Peer.Replication == "Established"
+			})
+
+			pr.proxy.stall(true)
+			s.mount("rw")
+			writeTree(t, s.mnt, "during", 24, 2<<20) // ~48 MiB: window + journal overflow
+			syscall.Sync()
+			s.umount()
+			s.detach(true)
+			aSt := pr.alpha.waitStatus("Ahead", stateTimeout, func(st mirrorStatus) bool {
+				return st.Peer != nil && st.Peer.Replication == "Ahead"
+			})
+			if j := aSt.Peer.Journal; j == nil || j.SpilledWrites == 0 || j.FullEvents == 0 {
+				t.Fatalf("alpha Ahead without having filled the journal: %s", aSt.raw)
+			}
+			if aSt.Peer.LagBytes < 32<<20 || aSt.Peer.LagSeconds <= 0 {
+				t.Fatalf("alpha Ahead: lag %d bytes, %.2f s; want the backlog", aSt.Peer.LagBytes, aSt.Peer.LagSeconds)
+			}
+			t.Logf("stalled: alpha Ahead, lag %d bytes / %.1f s, journal %d of %d bytes",
+				aSt.Peer.LagBytes, aSt.Peer.LagSeconds, aSt.Peer.JournalBytes, aSt.Peer.JournalCapacity)
+
+			base := pr.beta.status().Peer.ResyncBytes
+			pr.proxy.stall(false)
+			// The source knows the catch-up's size; the target counts what
+			// arrived.
+			aSt = pr.alpha.waitStatus("catch-up", resyncTimeout, func(st mirrorStatus) bool {
+				return st.Peer.Replication == "SyncSource" && st.Peer.Resync != nil && st.Peer.Resync.TotalBytes > 0
+			})
+			total := aSt.Peer.Resync.TotalBytes
+			bSt := pr.beta.waitStatus("catch-up under way", resyncTimeout, func(st mirrorStatus) bool {
+				return st.UndoBytes > 0 && float64(st.Peer.ResyncBytes-base) >= frac*float64(total)
+			})
+			pr.alpha.p.kill()
+			if bSt.Disk == "UpToDate" || bSt.Peer.ResyncBytes-base >= total {
+				t.Fatalf("catch-up finished before the kill; slow it down: %s", bSt.brief())
+			}
+			bSt = pr.beta.waitDisconnected()
+			if bSt.Disk != "Inconsistent" || bSt.UndoBytes == 0 {
+				t.Fatalf("beta after the primary's death mid catch-up: %s undo %d", bSt.brief(), bSt.UndoBytes)
+			}
+			t.Logf("killed alpha at %d of %d catch-up bytes; beta's undo log holds %d bytes",
+				bSt.Peer.ResyncBytes-base, total, bSt.UndoBytes)
+
+			start := time.Now()
+			pr.beta.promote()
+			bSt = pr.beta.status()
+			if bSt.Disk != "UpToDate" || bSt.UndoBytes != 0 {
+				t.Fatalf("beta after promote: %s undo %d", bSt.brief(), bSt.UndoBytes)
+			}
+			t.Logf("promote with rollback took %v", time.Since(start).Round(time.Millisecond))
+
+			// The promoted volume: mounting replays ext4's own journal (the
+			// image is a point in time mid-write), then it must fsck clean
+			// and hold every file written before the stall.
+			b := attachExport(t, pr.beta.p, size, false)
+			b.mount("rw")
+			got := hashTree(t, b.mnt)
+			for name, sum := range before {
+				if got[name] != sum {
+					t.Errorf("%s on the promoted target: sha256 %q, want %s", name, got[name], sum)
+				}
+			}
+			b.umount()
+			b.fsck()
+			b.detach(true)
+		})
+	}
+}
+
+// TestAsyncLagBound: with peer.max-lag.bytes set, a stalled link reports
+// its lag in status and events; "alert" only reports crossing the bound
+// (both ways), "block" holds writes at the bound until the link recovers.
+func TestAsyncLagBound(t *testing.T) {
+	const bound = 8 << 20
+	for _, policy := range []string{"alert", "block"} {
+		t.Run(policy, func(t *testing.T) {
+			set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=64MiB"}
+			pr := startPrimary(t, pairOptions{mode: "async", size: "64MiB", betaSet: set,
+				alphaSet: append(set, fmt.Sprintf("peer.max-lag.bytes=%d", bound), "peer.lag-policy="+policy)})
+			ev := pr.alpha.watchEvents()
+			c, err := dialNBD("unix", pr.alpha.sock, "vol0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			pr.proxy.stall(true)
+			const chunk, total = 256 << 10, 24 << 20
+			var written atomic.Int64
+			done := make(chan error, 1)
+			go func() {
+				buf := make([]byte, chunk)
+				for off := int64(0); off < total; off += chunk {
+					if err := c.mustWrite(uint64(off), buf, 0); err != nil {
+						done <- err
+						return
+					}
+					written.Add(chunk)
+				}
+				done <- nil
+			}()
+			over := ev.waitEvent(t, "lag over the bound", stateTimeout, func(e mirrorEvent) bool {
+				return e.Type == "lag" && e.Status.Peer != nil && e.Status.Peer.LagOverBound
+			})
+			if over.Status.Peer.LagBytes <= bound {
+				t.Fatalf("lag event over the bound with lag %d bytes", over.Status.Peer.LagBytes)
+			}
+			if out := pr.alpha.mustCLI("status"); !strings.Contains(out, "lag:") || !strings.Contains(out, "policy:"+policy) {
+				t.Fatalf("human status lacks the lag:\n%s", out)
+			}
+			if policy == "block" {
+				// Held at the bound: the lag stays there and the writer
+				// makes no progress while the link is stalled.
+				st := pr.alpha.waitStatus("writes held at the bound", stateTimeout, func(s mirrorStatus) bool {
+					return s.Peer.LagBytes >= bound
+				})
+				held := written.Load()
+				if held >= total || st.Peer.LagBytes > bound+2*chunk {
+					t.Fatalf("block policy: %d of %d bytes written, lag %d (bound %d)", held, total, st.Peer.LagBytes, bound)
+				}
+				for range 5 {
+					if st := pr.alpha.status(); st.Peer.LagBytes > bound+2*chunk {
+						t.Fatalf("block policy: lag %d past the bound %d", st.Peer.LagBytes, bound)
+					}
+				}
+				if w := written.Load(); w > held+chunk {
+					t.Fatalf("block policy: writes went on while held (%d then %d bytes)", held, w)
+				}
+				t.Logf("block: writer held at %d bytes, lag %d", held, st.Peer.LagBytes)
+			} else if err := <-done; err != nil {
+				t.Fatal(err) // alert never holds writes
+			}
+			pr.proxy.stall(false)
+			if policy == "block" {
+				if err := <-done; err != nil {
+					t.Fatal(err)
+				}
+			}
+			ev.waitEvent(t, "lag back within the bound", resyncTimeout, func(e mirrorEvent) bool {
+				return e.Type == "lag" && e.Status.Peer != nil && !e.Status.Peer.LagOverBound
+			})
+			pr.waitInSync(resyncTimeout)
+			pr.stopAndCompare(t)
+		})
+	}
+}
