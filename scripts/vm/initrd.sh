@@ -81,4 +81,8 @@ mkdir -p "$w/out"
 mv "$w/initrd.gz" "$w/out/"
 cp "$w/k/boot/vmlinuz-$kver" "$w/out/vmlinuz"
 mv "$w/out" "$out"
+# Images of older kernels or scripts are not booted again.
+for d in "$root"/*-"$flavour"-*; do
+	[ "$d" = "$out" ] || rm -rf "$d"
+done
 echo "$out"
