@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	github.com/go-viper/mapstructure/v2 v2.4.0
+	github.com/klauspost/compress v1.20.3
 	github.com/pojntfx/go-nbd v0.3.2
 	github.com/rs/zerolog v1.35.1
 	github.com/spf13/pflag v1.0.10

@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -100,6 +101,18 @@ type PeerConfig struct {
 	MaxLagBytes int64
 	MaxLagTime  time.Duration
 	LagPolicy   LagPolicy
+	// TLS, if set, runs the link in TLS 1.3 with mutual certificates
+	// (wan.LoadTLS); both nodes must agree.
+	TLS *tls.Config
+	// Compress asks the peer for zstd-compressed data frames; they are used
+	// when both sides ask.
+	Compress bool
+	// RateLimit caps the bytes/s this node sends to the peer, on the wire
+	// (0: unlimited); ResyncShare is the percentage of it resync keeps while
+	// live writes flow (DefaultResyncShare if 0). Volume.SetPeerRateLimit
+	// changes both at runtime.
+	RateLimit   int64
+	ResyncShare int
 	// Dial connects to Address (net.Dialer by default); tests inject
 	// faults here.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
@@ -126,6 +139,9 @@ func (c *PeerConfig) fillDefaults() {
 	}
 	if c.JournalSize == 0 {
 		c.JournalSize = DefaultJournalSize
+	}
+	if c.ResyncShare == 0 {
+		c.ResyncShare = DefaultResyncShare
 	}
 	if c.Dial == nil {
 		var d net.Dialer
@@ -193,6 +209,9 @@ type link struct {
 	// tracks (unix nanos, 0 when it lacks none), for the lag's age.
 	behindSince atomic.Int64
 	lagG        lagGuard
+
+	shaper *shaper
+	zstd   *wan.Compressor // shared by the link's sessions, for the ratio in status
 }
 
 type linkStats struct {
@@ -215,6 +234,10 @@ func newLink(v *Volume, cfg PeerConfig) (*link, error) {
 		v: v, cfg: cfg, conn: ConnConnecting,
 		log:      v.log.With().Str("peer", cfg.Node).Logger(),
 		incoming: make(chan net.Conn), kick: make(chan struct{}, 1), quit: make(chan struct{}),
+		shaper: newShaper(cfg.RateLimit, cfg.ResyncShare), zstd: wan.NewCompressor(),
+	}
+	if cfg.RateLimit < 0 || cfg.ResyncShare < 0 || cfg.ResyncShare > 100 {
+		return nil, fmt.Errorf("%w: rate limit %d bytes/s, resync share %d%%", ErrBadRate, cfg.RateLimit, cfg.ResyncShare)
 	}
 	l.cond.L = &l.mu
 	l.lagG.cond.L = &l.lagG.mu
@@ -336,6 +359,7 @@ func (l *link) connectLoop() {
 		standalone := l.standalone
 		l.mu.Unlock()
 		var c net.Conn
+		dialed := l.dials()
 		if standalone {
 			select {
 			case <-l.quit:
@@ -347,7 +371,7 @@ func (l *link) connectLoop() {
 				continue
 			}
 		}
-		if l.dials() {
+		if dialed {
 			ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
 			var err error
 			c, err = l.cfg.Dial(ctx, l.cfg.Address)
@@ -368,7 +392,7 @@ func (l *link) connectLoop() {
 			case c = <-l.incoming:
 			}
 		}
-		s, err := l.establish(c)
+		s, err := l.establish(c, dialed)
 		if err != nil {
 			_ = c.Close()
 			l.log.Warn().Err(err).Msg("peer connection refused")

@@ -205,6 +205,11 @@ func (s *session) runResync() {
 				return
 			}
 		}
+		// On a capped link resync keeps to its share while live writes
+		// flow, so that they are not queued behind resync data.
+		if err := s.l.shaper.waitResync(ctx, n); err != nil {
+			return
+		}
 		if !s.sendResync(off, n) {
 			return
 		}
@@ -466,6 +471,7 @@ func (s *session) digestReq(f wan.Frame) error {
 }
 
 func (s *session) digestReply(f wan.Frame) {
+	s.lastAck.Store(time.Now().UnixNano())
 	s.qmu.Lock()
 	e := s.tl[f.Seq]
 	delete(s.tl, f.Seq)

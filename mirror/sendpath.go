@@ -36,6 +36,13 @@ func newSendPath(w io.Writer, copying bool) *sendPath {
 	return p
 }
 
+// enableCompression makes both batch writers compress data frames; called
+// before the first send.
+func (p *sendPath) enableCompression(c *wan.Compressor) {
+	p.cur.EnableCompression(c)
+	p.alt.EnableCompression(c)
+}
+
 // sendMode says what send waits for.
 type sendMode uint8
 

@@ -19,12 +19,15 @@ import (
 // order and acknowledges. When the session ends, every unacknowledged write
 // becomes a dirty bit: exactly the regions the peer may lack.
 type session struct {
-	l    *link
-	v    *Volume
+	l *link
+	v *Volume
+	// conn is the TCP connection (under the rate cap), closed to end the
+	// session; r and w frame the stream over it (TLS, if on).
 	conn net.Conn
 	r    *wan.Reader
 	w    *wan.Writer
 	peer wan.Hello
+	zstd bool // data frames are compressed both ways
 
 	// out carries every frame after the handshake, with group commit. In
 	// sync mode the goroutine that has a frame writes it itself (no
@@ -56,6 +59,7 @@ type session struct {
 	failOnce sync.Once
 
 	lastRecv       atomic.Int64 // unix nanos
+	lastAck        atomic.Int64 // unix nanos of the last acknowledgement (progress)
 	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
@@ -108,24 +112,34 @@ type lagMark struct {
 
 // establish authenticates a fresh connection, compares generations and
 // exchanges bitmaps. On success the returned session is ready to run.
-func (l *link) establish(c net.Conn) (*session, error) {
+func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	v := l.v
-	if tc, ok := c.(*net.TCPConn); ok {
+	if tc, ok := tcp.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
-	_ = c.SetDeadline(time.Now().Add(handshakeTimeout))
+	_ = tcp.SetDeadline(time.Now().Add(handshakeTimeout))
+	c, stream, binding, err := l.secure(tcp, dialed)
+	if err != nil {
+		return nil, err
+	}
 	s := &session{
-		l: l, v: v, conn: c, r: wan.NewReader(c), w: wan.NewWriter(c),
+		l: l, v: v, conn: c, r: wan.NewReader(stream), w: wan.NewWriter(stream),
 		tl: make(map[uint64]*tlEntry), kick: make(chan struct{}, 1), jkick: make(chan struct{}, 1), done: make(chan struct{}),
 	}
 	s.resync.cond.L = &s.resync.mu
 	s.room.L = &s.qmu
 	own := v.hello()
-	peer, err := wan.Handshake(s.r, s.w, own, l.cfg.Secret)
+	if l.cfg.Compress {
+		own.Flags |= wan.HelloZstd
+	}
+	peer, err := wan.HandshakeBound(s.r, s.w, own, l.cfg.Secret, binding)
 	if err != nil {
 		return nil, fmt.Errorf("handshake with %s: %w", c.RemoteAddr(), err)
 	}
 	s.peer = peer
+	if s.zstd = l.cfg.Compress && peer.Flags&wan.HelloZstd != 0; s.zstd {
+		s.r.EnableDecompression()
+	}
 	refuse := func(format string, a ...any) (*session, error) {
 		msg := fmt.Sprintf(format, a...)
 		_ = s.w.WriteFrame(wan.Header{Type: wan.FrameClose}, []byte(msg))
@@ -204,9 +218,13 @@ func (l *link) establish(c net.Conn) (*session, error) {
 		_ = v.clearSplitBrainFlag()
 	}
 	_ = c.SetDeadline(time.Time{})
-	s.out = newSendPath(c, l.cfg.Mode == ModeAsync)
+	s.out = newSendPath(stream, l.cfg.Mode == ModeAsync)
+	if s.zstd {
+		s.out.enableCompression(l.zstd)
+	}
 	s.repl = role
 	s.lastRecv.Store(time.Now().UnixNano())
+	s.lastAck.Store(s.lastRecv.Load())
 	if role == ReplSyncSource {
 		s.resync.start(v.dirty.DirtyBytes())
 		l.markBehind()
@@ -438,6 +456,7 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 	}
 	if ok {
 		s.l.stats.sentBytes.Add(uint64(len(payload) + wan.HeaderSize))
+		s.l.shaper.note(h.Type, len(payload)+wan.HeaderSize)
 	}
 	return seq, ok
 }
@@ -520,7 +539,10 @@ func (s *session) watchdog() {
 			s.fail(fmt.Errorf("peer silent for %v (timeout %v)", silent.Round(time.Millisecond), s.l.cfg.Timeout))
 			return
 		}
-		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout {
+		// A request waits long when the link is slow (a bandwidth cap, a
+		// WAN) and much is queued ahead of it; the peer is lost only when
+		// acknowledgements stopped coming too.
+		if !oldest.IsZero() && now.Sub(oldest) > s.l.cfg.Timeout && now.Sub(time.Unix(0, s.lastAck.Load())) > s.l.cfg.Timeout {
 			s.fail(fmt.Errorf("peer left a request unacknowledged for %v (timeout %v)", now.Sub(oldest).Round(time.Millisecond), s.l.cfg.Timeout))
 			return
 		}
@@ -591,6 +613,9 @@ func (s *session) recvLoop() {
 	for {
 		f, err := s.r.ReadFrame()
 		if err != nil {
+			if s.l.cfg.TLS != nil {
+				err = wan.StreamError(err)
+			}
 			s.fail(fmt.Errorf("receive: %w", err))
 			return
 		}
@@ -652,6 +677,7 @@ func (s *session) handle(f wan.Frame) error {
 
 // acked retires a transfer-log entry.
 func (s *session) acked(seq uint64, errno uint32) {
+	s.lastAck.Store(time.Now().UnixNano())
 	s.qmu.Lock()
 	e := s.tl[seq]
 	delete(s.tl, seq)

@@ -55,6 +55,7 @@ type PeerStatus struct {
 	JournalBytes    int64          `json:"journal_bytes"`
 	JournalCapacity int64          `json:"journal_capacity,omitempty"`
 	Journal         *JournalStatus `json:"journal,omitempty"`
+	Transport       Transport      `json:"transport"`
 }
 
 // JournalStatus describes the async journal.
@@ -67,6 +68,28 @@ type JournalStatus struct {
 	SpilledWrites uint64 `json:"spilled_writes"`
 	SpilledBytes  uint64 `json:"spilled_bytes"`
 	FullEvents    uint64 `json:"full_events"`
+}
+
+// Transport describes the link's security, compression and bandwidth.
+type Transport struct {
+	TLS bool `json:"tls"`
+	// Compression is "zstd" while the session compresses, else "off".
+	Compression string `json:"compression"`
+	// CompressionRatio is data bytes offered over bytes sent for them, over
+	// the link's life (1: nothing saved); DataBytes and WireDataBytes are its
+	// terms.
+	CompressionRatio float64 `json:"compression_ratio"`
+	DataBytes        uint64  `json:"data_bytes"`
+	WireDataBytes    uint64  `json:"wire_data_bytes"`
+	// RateLimit is the cap on what this node sends, bytes/s (0: none), and
+	// ResyncShare resync's share of it while live writes flow.
+	RateLimit   int64 `json:"rate_limit_bytes_per_s"`
+	ResyncShare int   `json:"resync_share_percent"`
+	// Rates over the last few seconds: everything on the wire (after TLS
+	// and compression), and live and resync frames before compression.
+	WireRate   float64 `json:"wire_rate_bytes_per_s"`
+	LiveRate   float64 `json:"live_rate_bytes_per_s"`
+	ResyncRate float64 `json:"resync_rate_bytes_per_s"`
 }
 
 // Status reports the volume's state.
@@ -133,8 +156,23 @@ func (v *Volume) Status() Status {
 		ps.Journal = j.status()
 		ps.JournalBytes, ps.JournalCapacity = j.usedBytes(), j.capacity
 	}
+	ps.Transport = l.transport(s)
 	st.Peer = ps
 	return st
+}
+
+func (l *link) transport(s *session) Transport {
+	z := l.zstd.Stats()
+	t := Transport{
+		TLS: l.cfg.TLS != nil, Compression: "off",
+		CompressionRatio: z.Ratio(), DataBytes: z.RawBytes, WireDataBytes: z.WireBytes,
+		RateLimit: l.shaper.limit.Load(), ResyncShare: int(l.shaper.share.Load()),
+		WireRate: l.shaper.wire.rate(), LiveRate: l.shaper.live.rate(), ResyncRate: l.shaper.resyncM.rate(),
+	}
+	if s != nil && s.zstd {
+		t.Compression = "zstd"
+	}
+	return t
 }
 
 // Event is one state change, as a JSON line in `mirrord events`.

@@ -32,6 +32,11 @@ the read job) as a ratio to nbdkit-file's same job.
                 qsd-syncmirror
   --no-resync   skip the resync-rate line (full 1 GiB resync, then the
                 bytes resynced after touching 1% of the volume)
+  --wan-bars    also measure async replication through an emulated WAN of
+                50 ms RTT and 100 Mbit/s (TLS, zstd): 128 MiB of
+                incompressible data, then an ext4 image of text files
+                (Go's source tree, made with mkfs.ext4 -d, written with
+                nbdcopy); each as data rate / link rate
   --help        this text
 
 Installs missing tools with apt-get (fio nbdkit qemu-utils qemu-system-common
@@ -163,19 +168,33 @@ system mirrord start_mirrord mirrord
 # is a second mirrord on this host over TCP loopback (both disks on the same
 # filesystem, so every write is written twice here).
 peer_port=${BENCH_PEER_PORT:-17788}
-start_mirrord_pair() { # start_mirrord_pair MODE
-	local mode=$1 n peer listen dial
+start_mirrord_pair() { # start_mirrord_pair MODE [RTT_MS [RATE]]
+	local mode=$1 rtt=${2:-} rate=${3:-0} n peer listen dial wan=()
 	head -c 32 /dev/urandom | base64 >"$w/secret"
+	# A WAN row: alpha reaches beta through wanproxy (delay each way, and a
+	# bandwidth if RATE is not 0), and both run as WAN peers: TLS 1.3 with
+	# the pair's certificates, zstd.
+	if [[ -n $rtt ]]; then
+		[[ -f $w/keys/ca.crt ]] || "$mirrord_bin" keygen --out "$w/keys" --nodes alpha,beta >/dev/null || return 1
+		spawn wanproxy "$wanproxy_bin" -listen 127.0.0.1:$((peer_port + 2)) -target 127.0.0.1:$((peer_port + 1)) -rtt "${rtt}ms" -rate "$rate"
+		wait_log wanproxy "listening" || return 1
+	fi
 	# mirrord creates both stores itself, sparse: it knows they are zeroes,
 	# so the pair starts in sync (an existing disk would need an initial
 	# full sync, started by "mirrord promote --force" on the good side).
 	rm -f "$w/a.img" "$w/b.img"
 	for n in alpha beta; do
 		if [[ $n == alpha ]]; then peer=beta listen=$peer_port dial=$((peer_port + 1)); else peer=alpha listen=$((peer_port + 1)) dial=$peer_port; fi
+		if [[ -n $rtt ]]; then
+			[[ $n == alpha ]] && dial=$((peer_port + 2))
+			wan=(--set peer.profile="${BENCH_WAN_PROFILE:-wan}")
+			[[ ${BENCH_WAN_PROFILE:-wan} == lan ]] ||
+				wan+=(--set peer.tls.ca="$w/keys/ca.crt" --set peer.tls.cert="$w/keys/$n.crt" --set peer.tls.key="$w/keys/$n.key")
+		fi
 		spawn "mirrord-$n" "$mirrord_bin" run --set node.name=$n --set volume.path="$w/$([[ $n == alpha ]] && echo a || echo b).img" \
 			--set volume.size=1GiB --set nbd.listen="unix:$w/$n.sock" --set control.socket="$w/$n.ctl" \
 			--set peer.node=$peer --set peer.listen=127.0.0.1:$listen --set peer.address=127.0.0.1:$dial \
-			--set peer.secret-file="$w/secret" --set peer.mode="$mode" --set log.format=json
+			--set peer.secret-file="$w/secret" --set peer.mode="$mode" --set log.format=json "${wan[@]}"
 		wait_ready "$spawned" "mirrord-$n" "$w/$n.ctl" serving || return 1
 	done
 	wait_status alpha '"replication": "Established"' || return 1
@@ -189,10 +208,26 @@ wait_status() { # wait_status NODE PATTERN: poll mirrord status --json for PATTE
 		sleep 0.05
 	done
 }
+wait_log() { # wait_log NAME PATTERN: poll $w/NAME.log for PATTERN
+	local deadline=$((SECONDS + READY_TIMEOUT))
+	until grep -q -- "$2" "$w/$1.log"; do
+		((SECONDS < deadline)) || { log "$1: no '$2' after ${READY_TIMEOUT}s"; show_logs; return 1; }
+		sleep 0.05
+	done
+}
 start_mirrord_sync() { start_mirrord_pair sync; }
 start_mirrord_async() { start_mirrord_pair async; }
 system mirrord-sync start_mirrord_sync mirrord
 system mirrord-async start_mirrord_async mirrord
+# WAN rows: the same pairs as WAN peers (TLS, zstd) with 1, 10 and 50 ms
+# added RTT (internal/wanproxy; no bandwidth limit, so the RTT is what
+# differs). fio's buffers are random: zstd finds nothing to compress.
+for rtt in 1 10 50; do
+	for mode in sync async; do
+		eval "start_mirrord_${mode}_rtt$rtt() { start_mirrord_pair $mode $rtt; }"
+		system "mirrord-$mode-rtt$rtt" "start_mirrord_${mode}_rtt$rtt" mirrord wanproxy
+	done
+done
 
 # Synchronous mirror, as shared/bench/peers.sh sets it up: the source exports
 # NBD and every write also goes to the target (a second qemu-nbd) before it
@@ -229,7 +264,7 @@ PY
 system qsd-syncmirror start_qsd_syncmirror qemu-nbd qemu-storage-daemon python3
 
 # ---- arguments --------------------------------------------------------------
-rt=8 json=0 only= resync=1
+rt=8 json=0 only= resync=1 wanbars=0
 while (($#)); do
 	case $1 in
 	--runtime) (($# >= 2)) || die "--runtime needs a value"; rt=$2; shift 2 ;;
@@ -238,6 +273,7 @@ while (($#)); do
 	--only) (($# >= 2)) || die "--only needs a value"; only=$2; shift 2 ;;
 	--only=*) only=${1#*=}; shift ;;
 	--no-resync) resync=0; shift ;;
+	--wan-bars) wanbars=1; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; die "unknown argument: $1" ;;
 	esac
@@ -258,14 +294,19 @@ fi
 [[ -f $jobfile ]] || die "missing $jobfile"
 
 # ---- tools ------------------------------------------------------------------
-declare -A PKG=([fio]=fio [nbdkit]=nbdkit [qemu-nbd]=qemu-utils
+declare -A PKG=([fio]=fio [nbdkit]=nbdkit [qemu-nbd]=qemu-utils [nbdcopy]=libnbd-bin [mkfs.ext4]=e2fsprogs
 	[qemu-storage-daemon]=qemu-system-common [python3]=python3)
-tools=(fio) build_mirrord=0
+tools=(fio) build_mirrord=0 build_wanproxy=0
 for s in "${selected[@]}"; do
 	for t in ${NEEDS[$s]}; do
-		if [[ $t == mirrord ]]; then build_mirrord=1; else tools+=("$t"); fi
+		case $t in
+		mirrord) build_mirrord=1 ;;
+		wanproxy) build_wanproxy=1 ;;
+		*) tools+=("$t") ;;
+		esac
 	done
 done
+((wanbars)) && tools+=(nbdcopy mkfs.ext4)
 declare -A pkgs=()
 for t in "${tools[@]}"; do command -v "$t" >/dev/null || pkgs[${PKG[$t]}]=1; done
 if ((${#pkgs[@]})); then
@@ -292,11 +333,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 ((resync)) && build_mirrord=1
+((wanbars)) && build_mirrord=1 build_wanproxy=1
 if ((build_mirrord)); then
 	command -v go >/dev/null || die "go is needed to build mirrord"
 	log "building mirrord"
 	(cd "$repo" && go build -o "$w/mirrord" ./cmd/mirrord)
 	mirrord_bin=$w/mirrord
+fi
+if ((build_wanproxy)); then
+	(cd "$repo" && go build -o "$w/wanproxy" ./internal/wanproxy/cmd/wanproxy)
+	wanproxy_bin=$w/wanproxy
 fi
 
 # ---- run --------------------------------------------------------------------
@@ -384,6 +430,64 @@ if ((resync)); then
 	fi
 	stop_system
 fi
+# WAN bars: async through 50 ms RTT and 100 Mbit/s, time from the first write
+# until the Primary has nothing in flight nor out of sync; the data rate over
+# that time against the link's 12.5 MB/s.
+wan_lines=()
+received() { # received NODE: the bytes of frames NODE has received from its peer
+	"$mirrord_bin" status --control "$w/$1.ctl" --json | awk -F'[:,]' '/"received_bytes"/ { print $2 + 0 }'
+}
+wan_bar() { # wan_bar WHAT BYTES T0: append a line, BYTES of data shipped since T0
+	local t1 st ratio
+	wait_status alpha '"in_flight_writes": 0,' && wait_status alpha '"out_of_sync_bytes": 0,' &&
+		wait_status alpha '"replication": "Established"' || return 1
+	t1=$(date +%s.%N)
+	st=$("$mirrord_bin" status --control "$w/alpha.ctl" --json)
+	ratio=$(awk -F'[:,]' '/"compression_ratio"/ { print $2 + 0 }' <<<"$st")
+	wan_lines+=("$(awk -v what="$1" -v b="$2" -v a="$3" -v c="$t1" -v r="$ratio" 'BEGIN {
+		rate = b / (c - a); printf "async over 50 ms RTT, 100 Mbit/s, TLS+zstd: %s: %.0f MiB in %.1f s = %.2f MB/s = %.2fx the link rate (compression ratio %.2f)", what, b / 1048576, c - a, rate / 1e6, rate / 12.5e6, r }')")
+	log "${wan_lines[-1]}"
+}
+if ((wanbars)); then
+	READY_TIMEOUT=600 # wait_status also waits for the link to drain
+	rm -f "$w"/*.img "$w"/*.sock
+	if start_mirrord_pair async 50 100M >"$w/uri"; then
+		uri=$(<"$w/uri")
+		t0=$(date +%s.%N)
+		fio --name=incompressible --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=256M \
+			--refill_buffers=1 >/dev/null &
+		fio_pid=$!
+		# The sustained rate: data the target received between 4 s and 16 s
+		# (the whole run, ~21 s, also counts the start and the drain).
+		sleep 4
+		r0=$(received beta) s0=$(date +%s.%N)
+		sleep 12
+		r1=$(received beta) s1=$(date +%s.%N)
+		wait "$fio_pid" && fio_pid= && wan_bar "incompressible (fio, refilled random buffers)" $((256 << 20)) "$t0" || failed=1
+		fio_pid=
+		wan_lines+=("$(awk -v a="$r0" -v b="$r1" -v s="$s0" -v e="$s1" 'BEGIN {
+			rate = (b - a) / (e - s); printf "async over 50 ms RTT, 100 Mbit/s, TLS+zstd: incompressible, sustained (4 s to 16 s): %.2f MB/s received = %.2fx the link rate", rate / 1e6, rate / 12.5e6 }')")
+		log "${wan_lines[-1]}"
+	else
+		failed=1
+	fi
+	stop_system
+	rm -f "$w"/*.img "$w"/*.sock
+	src=$(go env GOROOT)/src
+	truncate -s 400M "$w/text.ext4"
+	mkfs.ext4 -q -F -d "$src" "$w/text.ext4" >&2
+	data=$(du -B1 "$w/text.ext4" | cut -f1)
+	if start_mirrord_pair async 50 100M >"$w/uri"; then
+		uri=$(<"$w/uri")
+		t0=$(date +%s.%N)
+		nbdcopy "$w/text.ext4" "$uri" && wan_bar "ext4 of text files ($src)" "$data" "$t0" || failed=1
+	else
+		failed=1
+	fi
+	stop_system
+	rm -f "$w/text.ext4"
+	READY_TIMEOUT=30
+fi
 read -r load_end _ </proc/loadavg
 
 # ---- output -----------------------------------------------------------------
@@ -422,5 +526,6 @@ else
 			cell($8, $6, "%d"), cell($8, $7 / 1024, "%.1f"), vs
 	}' "$results" "$results"
 	[[ -z $resync_line ]] || echo "$resync_line"
+	for l in "${wan_lines[@]}"; do echo "$l"; done
 fi
 exit "$failed"

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/wanproxy"
 )
 
 // Helpers for the two-node tests (mirror_*_test.go): a pair of real mirrord
@@ -73,183 +74,45 @@ func soakIterations(t testing.TB, n int) int {
 
 // The proxy.
 
-// linkProxy forwards the replication link from alpha to beta. cut closes
-// every connection on both sides and refuses new ones until heal.
+// linkProxy forwards the replication link from alpha to beta through
+// internal/wanproxy. cut closes every connection on both sides and refuses
+// new ones until heal; latency delays every chunk, each way, in order, as a
+// longer link would: with it an async Primary has writes acknowledged to the
+// application but not yet on the peer.
 type linkProxy struct {
-	ln     net.Listener
-	target string
-	// latency delays every chunk, each way, by this much (in order), as a
-	// longer link would: with it an async Primary has writes acknowledged
-	// to the application but not yet on the peer.
-	latency time.Duration
-
-	// stalled holds everything alpha sends (a congested link that keeps
-	// the connection); beta's side still flows.
-	stalled atomic.Bool
-
-	mu     sync.Mutex
-	cut    bool
-	closed bool
-	conns  map[net.Conn]struct{}
-	wg     sync.WaitGroup
-
-	toTarget   atomic.Int64 // alpha -> beta
-	fromTarget atomic.Int64 // beta -> alpha
-	accepted   atomic.Int64 // connections forwarded
+	p *wanproxy.Proxy
+	// toTarget (alpha -> beta) and fromTarget count the bytes delivered,
+	// accepted the connections forwarded.
+	toTarget, fromTarget, accepted counter
 }
+
+// counter reads a proxy's count.
+type counter func() int64
+
+func (c counter) Load() int64 { return c() }
 
 func newLinkProxy(t testing.TB, target string, latency time.Duration) *linkProxy {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	link := wanproxy.Link{Delay: latency}
+	p, err := wanproxy.Start(wanproxy.Config{Target: target, Up: link, Down: link})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &linkProxy{ln: ln, target: target, latency: latency, conns: make(map[net.Conn]struct{})}
-	p.wg.Add(1)
-	go p.acceptLoop()
-	t.Cleanup(p.close)
-	return p
-}
-
-func (p *linkProxy) addr() string { return p.ln.Addr().String() }
-
-func (p *linkProxy) acceptLoop() {
-	defer p.wg.Done()
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.wg.Add(1)
-		go p.serve(c)
+	t.Cleanup(func() { _ = p.Close() })
+	return &linkProxy{p: p,
+		toTarget:   func() int64 { up, _ := p.Delivered(); return up },
+		fromTarget: func() int64 { _, down := p.Delivered(); return down },
+		accepted:   func() int64 { return int64(p.Connections()) },
 	}
 }
 
-func (p *linkProxy) serve(c net.Conn) {
-	defer p.wg.Done()
-	p.mu.Lock()
-	refuse := p.cut || p.closed
-	p.mu.Unlock()
-	if refuse {
-		_ = c.Close()
-		return
-	}
-	u, err := net.DialTimeout("tcp", p.target, 5*time.Second)
-	if err != nil {
-		_ = c.Close()
-		return
-	}
-	p.mu.Lock()
-	if p.cut || p.closed {
-		p.mu.Unlock()
-		_ = c.Close()
-		_ = u.Close()
-		return
-	}
-	p.conns[c] = struct{}{}
-	p.conns[u] = struct{}{}
-	p.mu.Unlock()
-	p.accepted.Add(1)
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go p.pipe(&wg, u, c, &p.toTarget)
-	go p.pipe(&wg, c, u, &p.fromTarget)
-	wg.Wait()
-	p.mu.Lock()
-	delete(p.conns, c)
-	delete(p.conns, u)
-	p.mu.Unlock()
-}
+func (p *linkProxy) addr() string { return p.p.Addr() }
+func (p *linkProxy) cutLink()     { p.p.SetCut(true) }
+func (p *linkProxy) healLink()    { p.p.SetCut(false) }
 
-// pipe copies src to dst, counting what was delivered; when either side
-// ends, both close, as a broken link would.
-func (p *linkProxy) pipe(wg *sync.WaitGroup, dst, src net.Conn, n *atomic.Int64) {
-	defer wg.Done()
-	defer func() {
-		_ = src.Close()
-		_ = dst.Close()
-	}()
-	if p.latency > 0 {
-		p.delayedPipe(dst, src, n)
-		return
-	}
-	buf := make([]byte, 64<<10)
-	for {
-		k, err := src.Read(buf)
-		for n == &p.toTarget && p.stalled.Load() {
-			time.Sleep(time.Millisecond) // a stalled link, not a wait for a condition
-		}
-		if k > 0 {
-			if _, werr := dst.Write(buf[:k]); werr != nil {
-				return
-			}
-			n.Add(int64(k))
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
-// delayedPipe delivers each chunk latency after it was read, in order.
-func (p *linkProxy) delayedPipe(dst, src net.Conn, n *atomic.Int64) {
-	type chunk struct {
-		at time.Time
-		b  []byte
-	}
-	ch := make(chan chunk, 1<<14)
-	go func() {
-		defer close(ch)
-		for {
-			buf := make([]byte, 64<<10)
-			k, err := src.Read(buf)
-			if k > 0 {
-				ch <- chunk{time.Now(), buf[:k]}
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-	broken := false
-	for c := range ch {
-		if broken {
-			continue // drain, so that the reader never blocks
-		}
-		time.Sleep(time.Until(c.at.Add(p.latency)))
-		if _, err := dst.Write(c.b); err != nil {
-			broken = true
-			_ = src.Close()
-			continue
-		}
-		n.Add(int64(len(c.b)))
-	}
-}
-
-func (p *linkProxy) setCut(cut bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.cut = cut
-	if cut {
-		for c := range p.conns {
-			_ = c.Close()
-		}
-	}
-}
-
-func (p *linkProxy) cutLink()  { p.setCut(true) }
-func (p *linkProxy) healLink() { p.setCut(false) }
-
-func (p *linkProxy) close() {
-	p.mu.Lock()
-	p.closed = true
-	for c := range p.conns {
-		_ = c.Close()
-	}
-	p.mu.Unlock()
-	_ = p.ln.Close()
-	p.wg.Wait()
-}
+// stall holds everything alpha sends (a congested link that keeps the
+// connection); beta's side still flows.
+func (p *linkProxy) stall(on bool) { p.p.SetStalled(on) }
 
 // The nodes.
 
@@ -343,12 +206,16 @@ type pairOptions struct {
 	betaSize          string // beta's volume size, if different
 	// linkLatency delays the replication link each way.
 	linkLatency time.Duration
+	// wan, if set, puts an emulated WAN (internal/wanproxy) in the link
+	// instead of the plain proxy; its Target is filled in.
+	wan *wanproxy.Config
 }
 
 // mirrorPair is alpha (dials, through the proxy) and beta (listens).
 type mirrorPair struct {
 	alpha, beta *mirrorNode
-	proxy       *linkProxy
+	proxy       *linkProxy      // nil with pairOptions.wan
+	wan         *wanproxy.Proxy // set with pairOptions.wan
 	size        int64
 }
 
@@ -370,7 +237,22 @@ func startPair(t *testing.T, o pairOptions) *mirrorPair {
 	// and a second "free" port could be handed out twice (to alpha and to
 	// the proxy) between being probed and being bound.
 	betaListen := freeTCPAddr(t)
-	pr := newLinkProxy(t, betaListen, o.linkLatency)
+	var pr *linkProxy
+	var wp *wanproxy.Proxy
+	var dial string
+	if o.wan != nil {
+		cfg := *o.wan
+		cfg.Target = betaListen
+		var err error
+		if wp, err = wanproxy.Start(cfg); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = wp.Close() })
+		dial = wp.Addr()
+	} else {
+		pr = newLinkProxy(t, betaListen, o.linkLatency)
+		dial = pr.addr()
+	}
 	common := func(name, peer string) []string {
 		return []string{
 			"node.name=" + name, "volume.name=vol0", "peer.node=" + peer,
@@ -381,8 +263,8 @@ func startPair(t *testing.T, o pairOptions) *mirrorPair {
 	beta := newMirrorNode(t, "beta", append(append(common("beta", "alpha"),
 		"peer.listen="+betaListen), o.betaSet...), cmpOr(o.betaSize, o.size))
 	alpha := newMirrorNode(t, "alpha", append(append(common("alpha", "beta"),
-		"peer.address="+pr.addr()), o.alphaSet...), o.size)
-	return &mirrorPair{alpha: alpha, beta: beta, proxy: pr, size: size << 20}
+		"peer.address="+dial), o.alphaSet...), o.size)
+	return &mirrorPair{alpha: alpha, beta: beta, proxy: pr, wan: wp, size: size << 20}
 }
 
 func cmpOr(a, b string) string {

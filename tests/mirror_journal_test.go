@@ -61,7 +61,7 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				return st.Peer != nil && st.Peer.LagBytes == 0 && st.Peer.Replication == "Established"
 			})
 
-			pr.proxy.stalled.Store(true)
+			pr.proxy.stall(true)
 			s.mount("rw")
 			writeTree(t, s.mnt, "during", 24, 2<<20) // ~48 MiB: window + journal overflow
 			syscall.Sync()
@@ -80,7 +80,7 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				aSt.Peer.LagBytes, aSt.Peer.LagSeconds, aSt.Peer.JournalBytes, aSt.Peer.JournalCapacity)
 
 			base := pr.beta.status().Peer.ResyncBytes
-			pr.proxy.stalled.Store(false)
+			pr.proxy.stall(false)
 			// The source knows the catch-up's size; the target counts what
 			// arrived.
 			aSt = pr.alpha.waitStatus("catch-up", resyncTimeout, func(st mirrorStatus) bool {
@@ -143,7 +143,7 @@ func TestAsyncLagBound(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			pr.proxy.stalled.Store(true)
+			pr.proxy.stall(true)
 			const chunk, total = 256 << 10, 24 << 20
 			var written atomic.Int64
 			done := make(chan error, 1)
@@ -189,7 +189,7 @@ func TestAsyncLagBound(t *testing.T) {
 			} else if err := <-done; err != nil {
 				t.Fatal(err) // alert never holds writes
 			}
-			pr.proxy.stalled.Store(false)
+			pr.proxy.stall(false)
 			if policy == "block" {
 				if err := <-done; err != nil {
 					t.Fatal(err)

@@ -15,8 +15,10 @@
 // connection on the peer.
 //
 // The handshake authenticates both peers with a shared secret; it does not encrypt
-// or integrity-protect the frames that follow. Across an untrusted network, run the
-// stream inside TLS, WireGuard or IPsec.
+// or integrity-protect the frames that follow. Across an untrusted network the
+// stream runs inside TLS 1.3 with mutual certificates (tls.go), and the handshake
+// is then bound to that TLS session. Data frames may be zstd-compressed
+// (compress.go) when both sides ask for it in their Hello.
 package wan
 
 import (
@@ -157,12 +159,12 @@ const (
 var rules = [...]rule{
 	FrameHello:      {name: "Hello", max: MaxControl, fixed: -1},
 	FrameAuth:       {name: "Auth", max: MaxControl, fixed: authSize},
-	FrameWrite:      {name: "Write", max: MaxData, fixed: -1, flags: FlagFUA | FlagSync, span: spanPayload},
+	FrameWrite:      {name: "Write", max: MaxData, fixed: -1, flags: FlagFUA | FlagSync | FlagZstd, span: spanPayload},
 	FrameZero:       {name: "Zero", max: MaxControl, fixed: 8, flags: FlagFUA | FlagSync | FlagUnmap, span: spanU64},
 	FrameFlush:      {name: "Flush", max: MaxControl, fixed: 0},
 	FrameAck:        {name: "Ack", max: MaxControl, fixed: 0},
 	FrameBitmap:     {name: "Bitmap", max: MaxBitmapChunk, fixed: -1, flags: FlagLast},
-	FrameResyncData: {name: "ResyncData", max: MaxData, fixed: -1, span: spanPayload},
+	FrameResyncData: {name: "ResyncData", max: MaxData, fixed: -1, flags: FlagZstd, span: spanPayload},
 	FrameResyncReq:  {name: "ResyncReq", max: MaxControl, fixed: 8, span: spanU64},
 	FrameDigestReq:  {name: "DigestReq", max: MaxControl, fixed: 8, span: spanU64},
 	FrameDigest:     {name: "Digest", max: MaxControl, fixed: digestSize, span: spanU64},

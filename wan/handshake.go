@@ -53,6 +53,15 @@ type writeDeadliner interface{ SetWriteDeadline(time.Time) error }
 // connection. On error the connection is unusable and must be closed; Handshake may
 // have moved its write deadline to stop a blocked write.
 func Handshake(r *Reader, w *Writer, own Hello, secret []byte) (peer Hello, err error) {
+	return HandshakeBound(r, w, own, secret, nil)
+}
+
+// HandshakeBound is Handshake with both MACs also covering binding, bytes both
+// ends derive from the channel the stream runs in (TLSBinding for TLS). A MAC
+// relayed from another TLS session, as a man in the middle holding the secret
+// but neither certificate would need, then fails. Both sides must pass equal
+// bindings (both nil on a plaintext link).
+func HandshakeBound(r *Reader, w *Writer, own Hello, secret, binding []byte) (peer Hello, err error) {
 	if len(secret) == 0 {
 		return Hello{}, ErrNoSecret
 	}
@@ -91,21 +100,27 @@ func Handshake(r *Reader, w *Writer, own Hello, secret []byte) (peer Hello, err 
 		return Hello{}, fmt.Errorf("%w: peer hello carries our own nonce (reflected)", ErrAuth)
 	}
 
-	f, err = exchange(r, w, FrameAuth, authMAC(secret, peer.Nonce, own.Nonce, ownBytes, peerBytes))
+	f, err = exchange(r, w, FrameAuth, authMAC(secret, binding, peer.Nonce, own.Nonce, ownBytes, peerBytes))
 	if err != nil {
 		return Hello{}, err
 	}
-	if !hmac.Equal(f.Payload, authMAC(secret, own.Nonce, peer.Nonce, peerBytes, ownBytes)) {
+	if !hmac.Equal(f.Payload, authMAC(secret, binding, own.Nonce, peer.Nonce, peerBytes, ownBytes)) {
 		sendClose(w, reasonAuth)
 		return Hello{}, fmt.Errorf("%w: node %q", ErrAuth, peer.Node)
 	}
 	return peer, nil
 }
 
-// authMAC computes the Auth payload a side with the given challenges and hellos sends.
-func authMAC(secret []byte, peerNonce, ownNonce [32]byte, ownHello, peerHello []byte) []byte {
+// authMAC computes the Auth payload a side with the given challenges and hellos
+// sends. A binding is appended to the label, so an unbound MAC (binding nil) is
+// byte for byte the version-1 MAC and plaintext peers of older builds still agree.
+func authMAC(secret, binding []byte, peerNonce, ownNonce [32]byte, ownHello, peerHello []byte) []byte {
 	m := hmac.New(sha256.New, secret)
 	m.Write([]byte(authLabel))
+	if len(binding) > 0 {
+		m.Write([]byte("/tls"))
+		m.Write(binding)
+	}
 	m.Write(peerNonce[:])
 	m.Write(ownNonce[:])
 	m.Write(ownHello)

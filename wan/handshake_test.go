@@ -268,7 +268,7 @@ func TestHandshakeWrongSecretStopsReading(t *testing.T) {
 	if f.Type != FrameHello || ownSent.UnmarshalBinary(f.Payload) != nil {
 		t.Fatalf("first frame %v, want a valid Hello", f.Type)
 	}
-	mac := authMAC([]byte("not the secret"), ownSent.Nonce, peerHello.Nonce, peerBytes, f.Payload)
+	mac := authMAC([]byte("not the secret"), nil, ownSent.Nonce, peerHello.Nonce, peerBytes, f.Payload)
 	// Auth and a pipelined frame in one write, so both sit in the Reader's buffer.
 	p.write(frameBytes(t, Header{Type: FrameAuth}, mac), frameBytes(t, Header{Type: FramePing, Seq: 77}, nil))
 
@@ -306,7 +306,7 @@ func TestHandshakePipelinedAfterAuth(t *testing.T) {
 	if err := ownSent.UnmarshalBinary(f.Payload); err != nil {
 		t.Fatal(err)
 	}
-	mac := authMAC(testSecret, ownSent.Nonce, peerHello.Nonce, peerBytes, f.Payload)
+	mac := authMAC(testSecret, nil, ownSent.Nonce, peerHello.Nonce, peerBytes, f.Payload)
 	state := mustMarshal(t, StateUpdate{Role: RoleSecondary, Disk: 3})
 	p.write(frameBytes(t, Header{Type: FrameAuth}, mac), frameBytes(t, Header{Type: FrameState}, state))
 	if f, _ := p.next(); f.Type != FrameAuth {
@@ -495,7 +495,7 @@ func TestAuthMACIsDirectional(t *testing.T) {
 	// echoing the other's.
 	a, b := [32]byte{1}, [32]byte{2}
 	ha, hb := []byte("hello a"), []byte("hello b")
-	if bytes.Equal(authMAC(testSecret, b, a, ha, hb), authMAC(testSecret, a, b, hb, ha)) {
+	if bytes.Equal(authMAC(testSecret, nil, b, a, ha, hb), authMAC(testSecret, nil, a, b, hb, ha)) {
 		t.Fatal("the two sides' MACs are equal")
 	}
 }

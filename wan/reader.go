@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // readBufferSize is the bufio buffer under a Reader. 256 KiB holds dozens of small
@@ -36,7 +38,11 @@ type Reader struct {
 	br  *bufio.Reader
 	hdr [HeaderSize]byte
 	// buf is the reusable payload buffer; payload is the last payload returned.
-	buf     []byte
+	buf []byte
+	// zbuf holds a compressed payload while it is decompressed into buf; dec is
+	// set once compression is negotiated.
+	zbuf    []byte
+	dec     *zstd.Decoder
 	payload []byte
 	err     error
 	// handshake restricts the accepted types to those of the handshake, checked
@@ -69,6 +75,9 @@ func (r *Reader) readFrame() (Frame, error) {
 	if cap(r.buf) > retainMax {
 		r.buf = nil
 	}
+	if cap(r.zbuf) > retainMax {
+		r.zbuf = nil
+	}
 	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
 		if err == io.EOF {
 			return Frame{}, io.EOF
@@ -77,19 +86,30 @@ func (r *Reader) readFrame() (Frame, error) {
 	}
 	var f Frame
 	if err := parseHeader(r.hdr[:], &f.Header); err != nil {
+		if r.handshake && looksLikeTLS(r.hdr[:]) {
+			return Frame{}, fmt.Errorf("%w: the peer speaks TLS, this node plaintext (enable peer.tls here): %w", ErrTLSMismatch, err)
+		}
 		return Frame{}, err
 	}
 	if r.handshake && f.Type != FrameHello && f.Type != FrameAuth && f.Type != FrameClose {
 		return Frame{}, fmt.Errorf("%w: %v frame during the handshake", ErrMalformed, f.Type)
 	}
+	zipped := f.Flags&FlagZstd != 0
+	if zipped && r.dec == nil {
+		return Frame{}, fmt.Errorf("%w: compressed %v frame, but compression was not negotiated", ErrMalformed, f.Type)
+	}
 	n := int(f.Length)
 	if n > 0 {
-		if cap(r.buf) < n {
+		dst := &r.buf
+		if zipped {
+			dst = &r.zbuf
+		}
+		if cap(*dst) < n {
 			// Exact size: a detached buffer should not carry slack the engine then
 			// holds on to while the data waits for the disk.
-			r.buf = make([]byte, n)
+			*dst = make([]byte, n)
 		}
-		p := r.buf[:n]
+		p := (*dst)[:n]
 		if _, err := io.ReadFull(r.br, p); err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
@@ -97,6 +117,13 @@ func (r *Reader) readFrame() (Frame, error) {
 			return Frame{}, fmt.Errorf("wan: read %v payload of %d bytes: %w", f.Type, n, err)
 		}
 		f.Payload = p
+	}
+	if zipped {
+		p, err := decompress(r.dec, &f.Header, f.Payload, r.buf)
+		if err != nil {
+			return Frame{}, err
+		}
+		r.buf, f.Payload = p, p
 	}
 	if err := checkPayload(&f.Header, f.Payload); err != nil {
 		return Frame{}, err
@@ -116,6 +143,15 @@ func (r *Reader) Detach() []byte {
 	r.payload = nil
 	r.buf = nil
 	return p[:len(p):len(p)]
+}
+
+// EnableDecompression makes the Reader accept compressed data frames from now on
+// (after a handshake in which both sides set HelloZstd); before, one is
+// ErrMalformed. Decompressed frames are returned as if sent raw.
+func (r *Reader) EnableDecompression() {
+	if r.dec == nil {
+		r.dec = newDecoder()
+	}
 }
 
 // Buffered returns the number of bytes already read from the stream but not yet

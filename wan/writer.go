@@ -36,6 +36,7 @@ type Writer struct {
 	vec   [][]byte
 	nb    net.Buffers // a field so that (&nb).WriteTo does not allocate
 	err   error
+	z     *Compressor // nil: data frames go raw
 }
 
 type largePayload struct {
@@ -66,6 +67,16 @@ func (w *Writer) WriteFrame(h Header, payload []byte) error {
 	if err := checkPayload(&h, payload); err != nil {
 		return err
 	}
+	if h.Flags&FlagZstd != 0 {
+		return fmt.Errorf("%w: FlagZstd on %v: the Writer sets it when it compresses", ErrMalformed, h.Type)
+	}
+	if w.z != nil && compressible(h.Type) {
+		if buf, ok := w.z.appendFrame(w.buf, h, payload); ok {
+			w.n += len(buf) - len(w.buf)
+			w.buf = buf
+			return nil
+		}
+	}
 	start := len(w.buf)
 	w.buf = append(w.buf, make([]byte, HeaderSize)...)
 	putHeader(w.buf[start:], &h)
@@ -77,6 +88,11 @@ func (w *Writer) WriteFrame(h Header, payload []byte) error {
 	w.n += HeaderSize + len(payload)
 	return nil
 }
+
+// EnableCompression makes the Writer compress data frames with c from now on (after
+// a handshake in which both sides set HelloZstd). Several Writers of one stream may
+// share c.
+func (w *Writer) EnableCompression(c *Compressor) { w.z = c }
 
 // Buffered returns the number of bytes waiting for Flush.
 func (w *Writer) Buffered() int { return w.n }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -87,6 +88,7 @@ func humanStatus(st statusReply) string {
 			fmt.Fprintf(&b, "    done:%.1f%% (%s of %s, %s/s, eta %s)\n", r.Percent,
 				humanBytes(r.TotalBytes-st.OutOfSyncBytes), humanBytes(r.TotalBytes), humanBytes(int64(r.RateBps)), eta)
 		}
+		fmt.Fprintf(&b, "    transport:%s\n", humanTransport(p.Transport))
 		if p.InFlightWrites > 0 {
 			fmt.Fprintf(&b, "    in-flight:%d writes (%s)\n", p.InFlightWrites, humanBytes(p.InFlightBytes))
 		}
@@ -114,6 +116,69 @@ func humanStatus(st statusReply) string {
 		b.WriteString(humanFailover(st.Failover))
 	}
 	return b.String()
+}
+
+// humanTransport is one line: security, compression and its ratio, the cap and
+// the current rates.
+func humanTransport(t mirror.Transport) string {
+	var b strings.Builder
+	if t.TLS {
+		b.WriteString(" tls")
+	} else {
+		b.WriteString(" plaintext")
+	}
+	fmt.Fprintf(&b, " compression:%s", t.Compression)
+	if t.DataBytes > 0 {
+		fmt.Fprintf(&b, " ratio:%.2f", t.CompressionRatio)
+	}
+	if t.RateLimit > 0 {
+		fmt.Fprintf(&b, " cap:%s (resync share %d%%)", humanRate(float64(t.RateLimit)), t.ResyncShare)
+	} else {
+		b.WriteString(" cap:none")
+	}
+	fmt.Fprintf(&b, " wire:%s live:%s resync:%s", humanRate(t.WireRate), humanRate(t.LiveRate), humanRate(t.ResyncRate))
+	return b.String()
+}
+
+// humanRate shows bytes/s in the network's unit, bits per second.
+func humanRate(bps float64) string {
+	bits := bps * 8
+	switch {
+	case bits >= 1e9:
+		return fmt.Sprintf("%.2fGbit/s", bits/1e9)
+	case bits >= 1e6:
+		return fmt.Sprintf("%.1fMbit/s", bits/1e6)
+	case bits >= 1e3:
+		return fmt.Sprintf("%.0fkbit/s", bits/1e3)
+	}
+	return fmt.Sprintf("%.0fbit/s", bits)
+}
+
+// cmdSet changes a runtime key of the running daemon.
+func cmdSet(args []string, stdout io.Writer) error {
+	fs := newFlagSet("set")
+	var a adminFlags
+	a.register(fs)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() != 2 {
+		return fmt.Errorf("%w: want KEY VALUE (keys: %s)", errUsage, strings.Join(runtimeKeys, ", "))
+	}
+	c, err := a.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{"key": {fs.Arg(0)}, "value": {fs.Arg(1)}}
+	var st mirror.Status
+	if err := c.call("POST", "/set?"+q.Encode(), &st); err != nil {
+		return err
+	}
+	fmt.Fprint(stdout, humanStatus(statusReply{Status: st}))
+	return nil
 }
 
 func humanBytes(n int64) string {

@@ -18,6 +18,7 @@ import (
 	"github.com/mirrord/mirrord/bitmap"
 	"github.com/mirrord/mirrord/mirror"
 	"github.com/mirrord/mirrord/nbd"
+	"github.com/mirrord/mirrord/wan"
 )
 
 // Config is the whole of mirrord's configuration: one YAML file, every key
@@ -64,6 +65,19 @@ type PeerConfig struct {
 	// (alert, throttle or block) is what happens past the bound.
 	MaxLag    MaxLagConfig `mapstructure:"max-lag"`
 	LagPolicy string       `mapstructure:"lag-policy"`
+	// Profile is lan or wan. A WAN peer (profile wan) gets TLS and zstd
+	// compression unless peer.tls.enabled / peer.compression say otherwise.
+	// It is not inferred from mode async: async is used on LANs too (to take
+	// the peer out of the write latency), and TLS needs key material an
+	// operator must provision.
+	Profile     string        `mapstructure:"profile"`
+	TLS         PeerTLSConfig `mapstructure:"tls"`
+	Compression string        `mapstructure:"compression"` // auto (by profile), zstd, off
+	// RateLimit caps what this node sends to the peer ("100Mbit",
+	// "12MiB/s", 0 unlimited); ResyncShare is resync's share of it while
+	// application writes flow. Both change at runtime with `mirrord set`.
+	RateLimit   Rate    `mapstructure:"rate-limit"`
+	ResyncShare Percent `mapstructure:"resync-share"`
 }
 
 // JournalConfig is the async journal: Path defaults to the metadata file
@@ -77,6 +91,23 @@ type JournalConfig struct {
 type MaxLagConfig struct {
 	Bytes ByteSize      `mapstructure:"bytes"`
 	Time  time.Duration `mapstructure:"time"`
+}
+
+// PeerTLSConfig is the replication link's TLS 1.3 with mutual certificates; the
+// files come from `mirrord keygen`.
+type PeerTLSConfig struct {
+	Enabled string `mapstructure:"enabled"` // auto (on for profile wan), on, off
+	CA      string `mapstructure:"ca"`      // the pair's CA certificate
+	Cert    string `mapstructure:"cert"`    // this node's certificate
+	Key     string `mapstructure:"key"`     // this node's private key
+}
+
+// tlsOn and zstdOn resolve "auto" by the profile.
+func (p *PeerConfig) tlsOn() bool {
+	return p.TLS.Enabled == "on" || p.TLS.Enabled == "auto" && p.Profile == "wan"
+}
+func (p *PeerConfig) zstdOn() bool {
+	return p.Compression == "zstd" || p.Compression == "auto" && p.Profile == "wan"
 }
 
 // ControlConfig is the local admin socket the CLI talks to.
@@ -106,6 +137,14 @@ type NBDConfig struct {
 	Listen        []string `mapstructure:"listen"`
 	ReadOnly      bool     `mapstructure:"read-only"`
 	InflightBytes ByteSize `mapstructure:"inflight-bytes"`
+	// Device exposes the volume as a kernel block device while this node
+	// is Primary: "/dev/nbdN", "auto" (the first free one) or "" (none).
+	// The other device-* keys tune it (see device.go).
+	Device            string        `mapstructure:"device"`
+	DeviceConnections int           `mapstructure:"device-connections"`
+	DeviceTimeout     time.Duration `mapstructure:"device-timeout"`
+	DeviceDeadTimeout time.Duration `mapstructure:"device-dead-timeout"`
+	DeviceInterface   string        `mapstructure:"device-interface"` // auto, netlink or ioctl
 }
 
 // LogConfig selects verbosity and format.
@@ -155,9 +194,18 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("peer.max-lag.bytes", "0")
 	v.SetDefault("peer.max-lag.time", "0s")
 	v.SetDefault("peer.lag-policy", mirror.LagAlert.String())
+	v.SetDefault("peer.profile", "lan")
+	v.SetDefault("peer.tls.enabled", "auto")
+	v.SetDefault("peer.tls.ca", "")
+	v.SetDefault("peer.tls.cert", "")
+	v.SetDefault("peer.tls.key", "")
+	v.SetDefault("peer.compression", "auto")
+	v.SetDefault("peer.rate-limit", "0")
+	v.SetDefault("peer.resync-share", fmt.Sprintf("%d%%", mirror.DefaultResyncShare))
 	v.SetDefault("control.socket", DefaultControl)
 	v.SetDefault("log.level", "info")
 	v.SetDefault("log.format", "auto")
+	setDeviceDefaults(v.SetDefault)
 	setFailoverDefaults(v.SetDefault)
 }
 
@@ -306,6 +354,7 @@ func (c *Config) validate() error {
 			bad("nbd.listen", "%v", err)
 		}
 	}
+	c.validateDevice(bad)
 	if c.NBD.InflightBytes < nbd.MaxPayload {
 		bad("nbd.inflight-bytes", "must be at least %d, the largest request (got %d)", nbd.MaxPayload, c.NBD.InflightBytes)
 	}
@@ -389,6 +438,30 @@ func (c *Config) validatePeer(bad func(key, format string, a ...any)) {
 	case policy != mirror.LagAlert && p.MaxLag.Bytes == 0 && p.MaxLag.Time == 0:
 		bad("peer.lag-policy", "%s needs a bound: set peer.max-lag.bytes or peer.max-lag.time", policy)
 	}
+	if p.Profile != "lan" && p.Profile != "wan" {
+		bad("peer.profile", "must be lan or wan (got %q)", p.Profile)
+	}
+	switch p.TLS.Enabled {
+	case "auto", "on", "off":
+	default:
+		bad("peer.tls.enabled", "must be auto, on or off (got %q)", p.TLS.Enabled)
+	}
+	for key, f := range map[string]string{"peer.tls.ca": p.TLS.CA, "peer.tls.cert": p.TLS.Cert, "peer.tls.key": p.TLS.Key} {
+		switch {
+		case p.tlsOn() && f == "":
+			bad(key, "TLS is on (peer.profile %s, peer.tls.enabled %s) and needs it; make the files with 'mirrord keygen'", p.Profile, p.TLS.Enabled)
+		case !p.tlsOn() && f != "":
+			bad(key, "set, but TLS is off (peer.profile %s, peer.tls.enabled %s)", p.Profile, p.TLS.Enabled)
+		}
+	}
+	switch p.Compression {
+	case "auto", "zstd", "off":
+	default:
+		bad("peer.compression", "must be auto, zstd or off (got %q)", p.Compression)
+	}
+	if p.ResyncShare < 1 || p.ResyncShare > 100 {
+		bad("peer.resync-share", "must be from 1%% to 100%% (got %d%%)", p.ResyncShare)
+	}
 }
 
 // mirrorPeer converts the peer section for mirror.Open.
@@ -422,6 +495,15 @@ func (c *Config) mirrorPeer() (*mirror.PeerConfig, error) {
 	}
 	pc.MaxLagBytes, pc.MaxLagTime = int64(p.MaxLag.Bytes), p.MaxLag.Time
 	pc.LagPolicy, _ = mirror.ParseLagPolicy(p.LagPolicy) // validated
+	pc.Compress = p.zstdOn()
+	pc.RateLimit, pc.ResyncShare = int64(p.RateLimit), int(p.ResyncShare)
+	if p.tlsOn() {
+		tc, err := wan.LoadTLS(wan.TLSFiles{CA: p.TLS.CA, Cert: p.TLS.Cert, Key: p.TLS.Key}, p.Node)
+		if err != nil {
+			return nil, &FieldError{Key: "peer.tls", Msg: err.Error()}
+		}
+		pc.TLS = tc
+	}
 	if p.OnDisconnect == "suspend" {
 		pc.OnDisconnect = mirror.SuspendIO
 	}
@@ -499,4 +581,73 @@ func ParseByteSize(s string) (int64, error) {
 		return 0, fmt.Errorf("size %q: too large", s)
 	}
 	return int64(f * float64(mult)), nil
+}
+
+// Rate is a bandwidth in bytes/s that reads bits as network people write them
+// ("100Mbit", "1.5Gbit", "800kbit": decimal, as tc does) and bytes per second as
+// storage people do ("12MiB/s", "500K/s": ByteSize units). "0" is unlimited.
+type Rate int64
+
+// UnmarshalText parses a rate.
+func (r *Rate) UnmarshalText(text []byte) error {
+	n, err := ParseRate(string(text))
+	if err != nil {
+		return err
+	}
+	*r = Rate(n)
+	return nil
+}
+
+// ParseRate parses a rate such as "100Mbit" or "12MiB/s" into bytes/s.
+func ParseRate(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	lower := strings.ToLower(t)
+	switch {
+	case strings.HasSuffix(lower, "bit"), strings.HasSuffix(lower, "bit/s"):
+		num := strings.TrimSuffix(strings.TrimSuffix(lower, "/s"), "bit")
+		mult := 1.0
+		switch {
+		case strings.HasSuffix(num, "k"):
+			mult = 1e3
+		case strings.HasSuffix(num, "m"):
+			mult = 1e6
+		case strings.HasSuffix(num, "g"):
+			mult = 1e9
+		}
+		if mult != 1 {
+			num = num[:len(num)-1]
+		}
+		f, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
+		if err != nil || f < 0 || f*mult > 1e15 {
+			return 0, fmt.Errorf("rate %q: want e.g. 100Mbit, 12MiB/s or 0", s)
+		}
+		return int64(f * mult / 8), nil
+	}
+	n, err := ParseByteSize(strings.TrimSuffix(t, "/s"))
+	if err != nil {
+		return 0, fmt.Errorf("rate %q: want e.g. 100Mbit, 12MiB/s or 0", s)
+	}
+	return n, nil
+}
+
+// Percent reads "30%" or "30".
+type Percent int
+
+// UnmarshalText parses a percentage.
+func (p *Percent) UnmarshalText(text []byte) error {
+	n, err := ParsePercent(string(text))
+	if err != nil {
+		return err
+	}
+	*p = Percent(n)
+	return nil
+}
+
+// ParsePercent parses "30%" or "30" (0..100).
+func ParsePercent(s string) (int, error) {
+	n, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(s), "%"))
+	if err != nil || n < 0 || n > 100 {
+		return 0, fmt.Errorf("percentage %q: want 0%% to 100%%", s)
+	}
+	return n, nil
 }

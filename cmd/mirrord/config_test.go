@@ -154,3 +154,61 @@ func TestHumanStatus(t *testing.T) {
 		}
 	}
 }
+
+func TestParseRate(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		err  bool
+	}{
+		{"0", 0, false},
+		{"100Mbit", 12_500_000, false},
+		{"100mbit/s", 12_500_000, false},
+		{"1.5Gbit", 187_500_000, false},
+		{"800kbit", 100_000, false},
+		{"12MiB/s", 12 << 20, false},
+		{"12MiB", 12 << 20, false},
+		{"4096", 4096, false},
+		{"fast", 0, true},
+		{"-1Mbit", 0, true},
+		{"10Xbit", 0, true},
+	} {
+		got, err := ParseRate(tc.in)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("ParseRate(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
+		}
+	}
+}
+
+// TestPeerProfile: profile wan turns TLS and compression on and then needs the
+// key files; explicit keys override the profile; TLS files with TLS off are an
+// error rather than a silent plaintext link.
+func TestPeerProfile(t *testing.T) {
+	base := []string{"node.name=alpha", "peer.node=beta", "peer.address=127.0.0.1:1", "peer.secret=x"}
+	load := func(set ...string) (*Config, error) {
+		return loadConfig(configFlags{set: append(append([]string{}, base...), set...)})
+	}
+	c, err := load()
+	if err != nil || c.Peer.tlsOn() || c.Peer.zstdOn() {
+		t.Fatalf("lan default: err %v tls %v zstd %v, want both off", err, c.Peer.tlsOn(), c.Peer.zstdOn())
+	}
+	_, err = load("peer.profile=wan")
+	var fe *FieldError
+	if !errors.As(err, &fe) || !strings.HasPrefix(fe.Key, "peer.tls.") {
+		t.Fatalf("wan without key files: %v, want a peer.tls.* field error", err)
+	}
+	c, err = load("peer.profile=wan", "peer.tls.enabled=off")
+	if err != nil || c.Peer.tlsOn() || !c.Peer.zstdOn() {
+		t.Fatalf("wan, tls off: err %v tls %v zstd %v", err, c.Peer.tlsOn(), c.Peer.zstdOn())
+	}
+	if _, err := load("peer.tls.ca=/x"); !errors.As(err, &fe) || fe.Key != "peer.tls.ca" {
+		t.Fatalf("ca with TLS off: %v, want a peer.tls.ca field error", err)
+	}
+	if _, err := load("peer.resync-share=0%"); !errors.As(err, &fe) || fe.Key != "peer.resync-share" {
+		t.Fatalf("share 0%%: %v", err)
+	}
+	c, err = load("peer.rate-limit=100Mbit", "peer.resync-share=25%")
+	if err != nil || c.Peer.RateLimit != 12_500_000 || c.Peer.ResyncShare != 25 {
+		t.Fatalf("rate: %v %+v", err, c.Peer)
+	}
+}

@@ -34,6 +34,8 @@ Usage:
   mirrord verify [--json]                            compare digests with the peer
   mirrord connect | disconnect                       leave / enter StandAlone
   mirrord discard-my-data                            resolve a split brain against this node
+  mirrord set KEY VALUE                              change peer.rate-limit or peer.resync-share now
+  mirrord keygen --out DIR --nodes a,b               make a pair's TLS CA, certificates and keys
   mirrord switchover                                 planned role swap with the peer, zero loss (failover)
   mirrord confirm | deny                             answer the failover agent's announced intent
   mirrord maintenance on|off                         failover agent watches but never acts
@@ -67,6 +69,10 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdEvents(args[1:], stdout)
 	case "verify":
 		err = cmdVerify(args[1:], stdout)
+	case "keygen":
+		err = cmdKeygen(args[1:], stdout)
+	case "set":
+		err = cmdSet(args[1:], stdout)
 	case "switchover", "confirm", "deny", "maintenance":
 		err = cmdFailover(args[0], args[1:], stdout)
 	case "promote", "demote", "connect", "disconnect", "discard-my-data":
