@@ -71,9 +71,13 @@
 // counter (a fencing token) and a set of outdated nodes.
 //
 //   - [RequestVote] from node N: if another node holds an unexpired lease,
-//     deny and name the holder. Otherwise grant: if the last holder was a
-//     different node, the counter becomes max(counter, request epoch)+1,
-//     else max(counter, request epoch); N becomes holder and last holder
+//     deny and name the holder. Otherwise grant: if the last holder was
+//     not N (a different node, or none recorded: an empty ledger cannot
+//     vouch that nobody held the vote, since it may be a witness that was
+//     replaced or lost its state), the counter becomes
+//     max(counter, request epoch)+1, else max(counter, request epoch); so
+//     the first grant on an empty ledger is at least 1 and epoch 0 is
+//     never a token; N becomes holder and last holder
 //     with a lease of Config.LeaseTTL from now; record N's claim about its
 //     peer (outdated or not). Reply with the counter, whether N itself is
 //     recorded outdated and whether N's peer is.
@@ -81,9 +85,11 @@
 //     (counter+1, fresh lease), as if that node had asked.
 //
 // A grant whose epoch equals the node's own therefore means nobody else
-// held the vote in between; a larger one means another node did and may
-// have been promoted, so a Primary waits to hear its peer as Secondary
-// before it serves again.
+// held the vote in between; a larger one means another node did (or the
+// witness cannot tell) and may have been promoted, so a Primary waits to
+// hear its peer as Secondary before it serves again. A Primary that meets
+// an empty ledger (a new witness) thus serves again once its peer vouches
+// for it, or when the operator forces it.
 //
 // # What the runner must do
 //
