@@ -59,15 +59,16 @@ const (
 
 type swPhase uint8
 
+// Switchover phases, in order.
 const (
-	swDrain swPhase = iota
-	swStop
+	swStop swPhase = iota
+	swDrain
 	swDemote
 	swRelease
 )
 
 func (p swPhase) String() string {
-	return [...]string{"drain", "stop-resources", "demote", "release-vote"}[p]
+	return [...]string{"stop-resources", "drain", "demote", "release-vote"}[p]
 }
 
 type switchover struct {
