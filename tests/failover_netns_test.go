@@ -40,6 +40,9 @@ type lab struct {
 	wit     *exec.Cmd
 	witDone chan struct{}
 	wlog    *writableLog // the two-Primaries checker, while it runs
+	// resources, if set, replaces the floating IP as the body of each
+	// node's failover.resources list (%[1]s is the node's directory).
+	resources string
 }
 
 type labNode struct {
@@ -139,13 +142,23 @@ failover:
   witness-secret-file: %[6]s/witness.secret
   udp: ["%[9]s:7790->%[5]s:7790"]
   resources:
-    - {type: ip, address: %[10]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
-%[11]s`, name, dir, labNBDPort, peer, labIP[peer], l.dir, n.ctl, labIP["w"], labIP[name], labFloating, extra)
+%[10]s
+%[11]s`, name, dir, labNBDPort, peer, labIP[peer], l.dir, n.ctl, labIP["w"], labIP[name], l.resourceList(dir), extra)
 	if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
 		l.t.Fatal(err)
 	}
 	l.nodes[name] = n
 	return n
+}
+
+// labIPResource is the floating IP, the lab's default resource list.
+const labIPResource = "    - {type: ip, address: " + labFloating + "/24, interface: eth0, arp-count: 3, arp-interval: 100ms}"
+
+func (l *lab) resourceList(dir string) string {
+	if l.resources == "" {
+		return labIPResource
+	}
+	return fmt.Sprintf(l.resources, dir)
 }
 
 func (l *lab) start(n *labNode) {
@@ -489,8 +502,14 @@ func (l *lab) checker(a, b *labNode) (stop func() int) {
 // up starts witness, a (Primary, floating IP) and b, connected and in sync.
 func (l *lab) up(extra string) (a, b *labNode) {
 	l.t.Helper()
+	return l.upPair(extra, extra)
+}
+
+// upPair is up with a different failover section tail for a and b.
+func (l *lab) upPair(extraA, extraB string) (a, b *labNode) {
+	l.t.Helper()
 	l.startWitness()
-	a, b = l.config("a", "b", extra), l.config("b", "a", extra)
+	a, b = l.config("a", "b", extraA), l.config("b", "a", extraB)
 	l.start(b)
 	l.start(a)
 	waitFor(l.t, 30*time.Second, "a and b connected and UpToDate", func() bool {
