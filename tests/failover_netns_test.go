@@ -528,12 +528,16 @@ func (l *lab) upPair(extraA, extraB string) (a, b *labNode) {
 }
 
 // heardPrimary waits until target's agent has heard primary as an in-sync
-// Primary: only then may it take over.
+// Primary and adopted its epoch: only then may it take over (a target
+// behind the witness's epoch by more than one refuses).
 func (l *lab) heardPrimary(target, primary *labNode) {
 	l.t.Helper()
-	waitFor(l.t, 30*time.Second, target.name+" hears "+primary.name+" as in-sync Primary", func() bool {
+	waitFor(l.t, 30*time.Second, target.name+" hears "+primary.name+" as in-sync Primary at its epoch", func() bool {
 		st, err := target.status()
-		return err == nil && st.Failover != nil && st.Failover.Peer.Role == "Primary" && st.Failover.Peer.InSync
+		ps, perr := primary.status()
+		return err == nil && perr == nil && st.Failover != nil && ps.Failover != nil &&
+			st.Failover.Peer.Role == "Primary" && st.Failover.Peer.InSync &&
+			st.Failover.Peer.Epoch == ps.Failover.Epoch && st.Failover.Epoch == ps.Failover.Epoch
 	})
 }
 

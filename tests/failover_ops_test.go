@@ -143,9 +143,16 @@ func TestFailoverConfirmModeNetns(t *testing.T) {
 		t.Fatalf("a's status does not say why it stays Secondary: %+v", a.decisions())
 	}
 
-	// 3. Nobody answers: b returns (newer, it was Primary), a resyncs from
-	// it; b dies again and a proceeds after the timeout on its own.
+	// 3. Nobody answers. b returns; a volume always opens Secondary, so
+	// with nobody Primary the operator promotes b (it was the last
+	// Primary) and a is its Secondary again. b dies again and a proceeds
+	// after the timeout on its own.
 	l.start(b)
+	waitFor(t, 30*time.Second, "b connected to a", func() bool {
+		st, err := b.status()
+		return err == nil && st.Peer != nil && st.Peer.Replication == "Established"
+	})
+	b.must(t, "promote")
 	l.backInSync(a, b)
 	b.kill9()
 	waitFor(t, 30*time.Second, "a announcing its intent to promote", a.intent)
@@ -226,11 +233,15 @@ func TestFailoverStaleSiteAloneNetns(t *testing.T) {
 	a.kill9()
 
 	l.start(b)
+	started := time.Now()
 	const why = "did not promote: this node has not heard a since it started"
+	var status string
 	waitFor(t, 30*time.Second, "b saying why it does not promote", func() bool {
 		out, err := b.admin("status")
+		status = out
 		return err == nil && strings.Contains(out, why)
 	})
+	t.Logf("b, alone for %v, says:\n%s", time.Since(started).Round(time.Millisecond), status)
 	if st, err := b.status(); err != nil || st.Role != "Secondary" {
 		t.Fatalf("b alone: %+v %v, want Secondary", st, err)
 	}
@@ -238,7 +249,15 @@ func TestFailoverStaleSiteAloneNetns(t *testing.T) {
 		t.Fatalf("b took the floating IP:\n%s", out)
 	}
 
+	// a returns: a volume always opens Secondary, and neither agent
+	// promotes a peer it hears; the operator promotes a, the last
+	// Primary, and b resyncs from it.
 	l.start(a)
+	waitFor(t, 30*time.Second, "a connected to b", func() bool {
+		st, err := a.status()
+		return err == nil && st.Peer != nil && st.Peer.Connection == "Connected"
+	})
+	a.must(t, "promote")
 	waitFor(t, 60*time.Second, "a serving and b its in-sync Secondary", func() bool {
 		p, ok := l.settled(a, b)
 		return ok && p == a
