@@ -56,7 +56,11 @@
 // Primary that loses its replication session holds writes until the
 // witness has recorded the peer outdated (DRBD's resource-and-stonith
 // fencing policy); an outdated target refuses to promote, so no
-// acknowledged write is lost by a failover. A node that has not heard its
+// acknowledged write is lost by a failover. A session that is silent but
+// not yet timed out would hold writes in flight until its own timeout
+// (peer.timeout, 6 s by default): a sync Primary that declares its peer
+// lost on every path drops it ([DropReplication]), so writes wait D plus
+// one witness round trip instead. A node that has not heard its
 // peer since it started never promotes on its own (corosync's
 // wait_for_all): both sites died and only one came back, and it cannot
 // know whether the other holds newer data.
@@ -107,6 +111,8 @@
 //     the machine's Fence comes one event later.
 //   - Deliver the peer's PeerPromote as a Handover, and operator commands
 //     as events.
+//   - Carry out DropReplication beside the loop (ending a session waits
+//     for its teardown).
 package failover
 
 import (

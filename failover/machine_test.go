@@ -900,3 +900,47 @@ func TestEpochs(t *testing.T) {
 		}
 	})
 }
+
+// A sync Primary that keeps the vote but loses its target on every path
+// while the replication session still looks up drops the session at the
+// detection timeout instead of waiting for the session's own timeout; the
+// volume then holds writes, the machine claims the target outdated, and
+// lets writes through once the witness has recorded it.
+func TestPrimaryDropsSilentSessionAtDetection(t *testing.T) {
+	h := newHarness(t, "a", "b", nil)
+	h.vote = func(r RequestVote) *WitnessVote {
+		return &WitnessVote{Granted: true, Holder: "a", Epoch: r.Epoch, PeerOutdated: r.PeerOutdated}
+	}
+	connected := LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate}
+	h.local(connected)
+	b := Beacon{Node: "b", Role: RoleSecondary, Disk: DiskUpToDate, Hears: true}
+	h.steady(b, 3*time.Second)
+	if h.m.Status().Fenced {
+		t.Fatal(h.decisions())
+	}
+	// b falls silent on every path; the session is not torn down yet.
+	acts := h.ticks(50*time.Millisecond, 3*time.Second+h.m.cfg.DetectTimeout()-50*time.Millisecond)
+	if has[DropReplication](acts) {
+		t.Fatalf("dropped before the detection timeout:\n%s", h.decisions())
+	}
+	acts = h.ticks(50*time.Millisecond, 3*time.Second+h.m.cfg.DetectTimeout()+50*time.Millisecond)
+	if !has[DropReplication](acts) || !h.recorded("dropped now, not after its own timeout") {
+		t.Fatalf("no early drop at the detection timeout:\n%s", h.decisions())
+	}
+	// The volume dropped the session and holds writes (HoldOnDisconnect).
+	acts = h.local(LocalState{Role: RolePrimary, Disk: DiskUpToDate, Fenced: true, PeerDisk: DiskDUnknown})
+	acts = append(acts, h.tick(3*time.Second+h.m.cfg.DetectTimeout()+100*time.Millisecond)...)
+	var claimed bool
+	for _, ta := range h.all {
+		if r, ok := ta.a.(RequestVote); ok && r.PeerOutdated {
+			claimed = true
+		}
+	}
+	if !claimed || !has[Unfence](acts) || h.m.Status().Fenced {
+		t.Fatalf("claimed b outdated %v; writes let through: %v\n%s", claimed, has[Unfence](acts), h.decisions())
+	}
+	// Only once per loss.
+	if acts := h.ticks(50*time.Millisecond, 8*time.Second); has[DropReplication](acts) {
+		t.Fatalf("dropped again:\n%s", h.decisions())
+	}
+}

@@ -186,7 +186,7 @@ func (m *Machine) driveSwitchover() {
 		return // waiting for an action's result
 	}
 	if code, why, _ := m.fenceReason(); code == "denied" || code == "lapsed" {
-		m.abortSwitchover("quorum lost: "+why)
+		m.abortSwitchover("quorum lost: " + why)
 		return
 	}
 	l := m.local

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -43,6 +44,8 @@ type lab struct {
 	// resources, if set, replaces the floating IP as the body of each
 	// node's failover.resources list (%[1]s is the node's directory).
 	resources string
+	// peerTimeout is the nodes' peer.timeout ("3s" if empty).
+	peerTimeout string
 }
 
 type labNode struct {
@@ -133,7 +136,7 @@ func (l *lab) config(name, peer string, extra string) *labNode {
 	cfg := fmt.Sprintf(`node: {name: %[1]s}
 volume: {name: vol0, path: %[2]s/vol.img, size: 64MiB}
 nbd: {listen: ["tcp:0.0.0.0:%[3]s"]}
-peer: {node: %[4]s, address: "%[5]s:7789", listen: "0.0.0.0:7789", secret-file: %[6]s/secret, timeout: 3s, ping-interval: 200ms, connect-retry: 200ms}
+peer: {node: %[4]s, address: "%[5]s:7789", listen: "0.0.0.0:7789", secret-file: %[6]s/secret, timeout: %[12]s, ping-interval: 200ms, connect-retry: 200ms}
 control: {socket: %[7]s}
 log: {level: info, format: json}
 failover:
@@ -143,7 +146,7 @@ failover:
   udp: ["%[9]s:7790->%[5]s:7790"]
   resources:
 %[10]s
-%[11]s`, name, dir, labNBDPort, peer, labIP[peer], l.dir, n.ctl, labIP["w"], labIP[name], l.resourceList(dir), extra)
+%[11]s`, name, dir, labNBDPort, peer, labIP[peer], l.dir, n.ctl, labIP["w"], labIP[name], l.resourceList(dir), extra, cmp.Or(l.peerTimeout, "3s"))
 	if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
 		l.t.Fatal(err)
 	}

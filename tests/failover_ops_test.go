@@ -492,3 +492,49 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		t.Fatalf("history on the file system: %q (%v)", hist, err)
 	}
 }
+
+// A Primary that keeps the vote but is cut off from its sync target (the
+// witness sees both) drops the silent replication session when the agent
+// declares the target lost (2 s), not after peer.timeout (6 s here, the
+// default): writes are held only until the witness has recorded the target
+// outdated. Nothing acknowledged is lost, and after the heal the target
+// resyncs.
+func TestFailoverCutFromTargetStallNetns(t *testing.T) {
+	const peerTimeout = 6 * time.Second
+	l := newLab(t)
+	l.peerTimeout = peerTimeout.String()
+	a, b := l.up("")
+	w := &writer{l: l, acked: map[uint64][]byte{}}
+	waitFor(t, 30*time.Second, "first write through the floating IP", func() bool { return w.write() == nil })
+	l.cut("a", []string{"b"}, false)
+	cut := time.Now()
+	for w.write() != nil {
+		if time.Since(cut) > 30*time.Second {
+			t.Fatal("no write acknowledged by a within 30 s of the cut")
+		}
+	}
+	stall := time.Since(cut)
+	t.Logf("cut from the target to the first write acknowledged again: %v (peer.timeout %v)", stall.Round(time.Millisecond), peerTimeout)
+	if stall >= peerTimeout {
+		t.Fatalf("writes held %v: the agent waited for peer.timeout (%v)", stall, peerTimeout)
+	}
+	if !a.decided("peer", "dropped now, not after its own timeout") {
+		t.Fatalf("a does not record the early drop: %+v", a.decisions())
+	}
+	if st, err := b.status(); err != nil || st.Role != "Secondary" {
+		t.Fatalf("b: %+v %v, want Secondary", st, err)
+	}
+	for range 50 {
+		if err := w.write(); err != nil {
+			t.Fatalf("write after the cut: %v", err)
+		}
+	}
+	l.heal("a")
+	waitFor(t, 60*time.Second, "pair settled after the heal", func() bool {
+		p, ok := l.settled(a, b)
+		return ok && p == a
+	})
+	w.verify(t)
+	closeWriter(w)
+	l.compareReplicas(a, b)
+}
