@@ -89,6 +89,20 @@ func (l *lab) backInSync(n, primary *labNode) {
 	})
 }
 
+// restartPromoted starts n again (its volume opens Secondary), has the
+// operator promote it once it is connected to other, and waits until other
+// is its in-sync Secondary.
+func (l *lab) restartPromoted(n, other *labNode) {
+	l.t.Helper()
+	l.start(n)
+	waitFor(l.t, 30*time.Second, n.name+" connected to "+other.name, func() bool {
+		st, err := n.status()
+		return err == nil && st.Peer != nil && st.Peer.Replication == "Established"
+	})
+	n.must(l.t, "promote")
+	l.backInSync(other, n)
+}
+
 // Confirm mode with a witness, three site losses: the target announces
 // its intent (status and events) and `mirrord confirm` promotes it; then
 // `mirrord deny` keeps the other Secondary past the confirm timeout; then
@@ -147,13 +161,7 @@ func TestFailoverConfirmModeNetns(t *testing.T) {
 	// with nobody Primary the operator promotes b (it was the last
 	// Primary) and a is its Secondary again. b dies again and a proceeds
 	// after the timeout on its own.
-	l.start(b)
-	waitFor(t, 30*time.Second, "b connected to a", func() bool {
-		st, err := b.status()
-		return err == nil && st.Peer != nil && st.Peer.Replication == "Established"
-	})
-	b.must(t, "promote")
-	l.backInSync(a, b)
+	l.restartPromoted(b, a)
 	b.kill9()
 	waitFor(t, 30*time.Second, "a announcing its intent to promote", a.intent)
 	announced := time.Now()
@@ -252,16 +260,7 @@ func TestFailoverStaleSiteAloneNetns(t *testing.T) {
 	// a returns: a volume always opens Secondary, and neither agent
 	// promotes a peer it hears; the operator promotes a, the last
 	// Primary, and b resyncs from it.
-	l.start(a)
-	waitFor(t, 30*time.Second, "a connected to b", func() bool {
-		st, err := a.status()
-		return err == nil && st.Peer != nil && st.Peer.Connection == "Connected"
-	})
-	a.must(t, "promote")
-	waitFor(t, 60*time.Second, "a serving and b its in-sync Secondary", func() bool {
-		p, ok := l.settled(a, b)
-		return ok && p == a
-	})
+	l.restartPromoted(a, b)
 	w.verify(t)
 	closeWriter(w)
 	l.compareReplicas(a, b)
@@ -530,10 +529,7 @@ func TestFailoverCutFromTargetStallNetns(t *testing.T) {
 		}
 	}
 	l.heal("a")
-	waitFor(t, 60*time.Second, "pair settled after the heal", func() bool {
-		p, ok := l.settled(a, b)
-		return ok && p == a
-	})
+	l.backInSync(b, a)
 	w.verify(t)
 	closeWriter(w)
 	l.compareReplicas(a, b)
