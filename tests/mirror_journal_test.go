@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/wanproxy"
 )
 
 // The async journal and the catch-up undo log, end to end: a stalled link
@@ -42,17 +44,26 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 	requireRoot(t)
 	requireTools(t, "nbdfuse", "fusermount3", "losetup", "mount", "umount", "mkfs.ext4", "e2fsck")
 	const size = 128 << 20
-	// Kill when the target has received this fraction of the catch-up.
-	for _, frac := range []float64{0.02, 0.5, 0.9} {
-		t.Run(fmt.Sprintf("at %.0f%%", 100*frac), func(t *testing.T) {
+	// Kill when the target has received this fraction of the catch-up, on
+	// loopback and across the reference WAN (50 ms RTT, 100 Mbit/s).
+	for _, tc := range []struct {
+		link string
+		wan  *wanproxy.Config
+		frac float64
+	}{{"loopback", nil, 0.02}, {"loopback", nil, 0.5}, {"loopback", nil, 0.9}, {"wan", &wanproxy.Config{Up: wan100, Down: wan100, Seed: 6}, 0.5}} {
+		frac := tc.frac
+		t.Run(fmt.Sprintf("%s at %.0f%%", tc.link, 100*frac), func(t *testing.T) {
 			// A stall outlasts the 2 s test timeout; the window and the
 			// journal are small so that the writes below overflow both.
 			set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=4MiB"}
-			pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
+			pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB", wan: tc.wan,
 				alphaSet: append(set, "peer.resync-max-rate=4MiB"), betaSet: set})
 
 			s := attachExport(t, pr.alpha.p, size, false)
-			runCmd(t, cmdTimeout, "mkfs.ext4", "-q", "-F", s.loop)
+			// No discard: a whole-device trim is one 128 MiB zero request,
+			// which over the WAN sends the Primary Ahead before the test
+			// has begun (it reserves its length in the window).
+			runCmd(t, cmdTimeout, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", s.loop)
 			s.mount("rw")
 			before := writeTree(t, s.mnt, "before", 16, 256<<10)
 			syscall.Sync()
@@ -61,7 +72,7 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				return st.Peer != nil && st.Peer.LagBytes == 0 && st.Peer.Replication == "Established"
 			})
 
-			pr.proxy.stall(true)
+			pr.stall(true)
 			s.mount("rw")
 			writeTree(t, s.mnt, "during", 24, 2<<20) // ~48 MiB: window + journal overflow
 			syscall.Sync()
@@ -80,7 +91,7 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				aSt.Peer.LagBytes, aSt.Peer.LagSeconds, aSt.Peer.JournalBytes, aSt.Peer.JournalCapacity)
 
 			base := pr.beta.status().Peer.ResyncBytes
-			pr.proxy.stall(false)
+			pr.stall(false)
 			// The source knows the catch-up's size; the target counts what
 			// arrived.
 			aSt = pr.alpha.waitStatus("catch-up", resyncTimeout, func(st mirrorStatus) bool {
