@@ -102,6 +102,11 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				return st.UndoBytes > 0 && float64(st.Peer.ResyncBytes-base) >= frac*float64(total)
 			})
 			pr.alpha.p.kill()
+			// The source's total in status grows with writes during the
+			// catch-up; the target has the one announced at its start.
+			if bSt.Peer.Replication != "Behind" || bSt.Peer.Resync == nil || bSt.Peer.Resync.TotalBytes == 0 || bSt.Peer.Resync.TotalBytes > total {
+				t.Fatalf("beta in the catch-up: want Behind with the source's total (%d): %s", total, bSt.raw)
+			}
 			if bSt.Disk == "UpToDate" || bSt.Peer.ResyncBytes-base >= total {
 				t.Fatalf("catch-up finished before the kill; slow it down: %s", bSt.brief())
 			}
@@ -213,4 +218,67 @@ func TestAsyncLagBound(t *testing.T) {
 			pr.stopAndCompare(t)
 		})
 	}
+}
+
+// TestAsyncCatchUpBehindUndoCap: during a catch-up after Ahead the target
+// says Behind, with progress against the total the source announced; with
+// peer.undo-max-size smaller than the catch-up, the target stops at the
+// cap (nothing past it written), says so in status, events and the log,
+// and refuses the source until then; promoted, it rolls back to the image
+// it held when the catch-up began: a write-order prefix of the history.
+func TestAsyncCatchUpBehindUndoCap(t *testing.T) {
+	const undoCap = 8 << 20
+	set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=4MiB"}
+	pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
+		alphaSet: append(set, "peer.resync-max-rate=4MiB"), betaSet: append(set, fmt.Sprintf("peer.undo-max-size=%d", undoCap))})
+	ev := pr.beta.watchEvents()
+	pr.stall(true)
+	// 48 MiB, each block once in a random order: past the window and
+	// the journal.
+	w := startSeqWriter(t, pr.alpha, mirrorSeed(t), 48<<20, 16, 0)
+	w.wait(t)
+	pr.alpha.waitStatus("Ahead", stateTimeout, func(st mirrorStatus) bool { return st.Peer.Replication == "Ahead" })
+	pr.stall(false)
+
+	bSt := pr.beta.waitStatus("Behind with the announced total", resyncTimeout, func(st mirrorStatus) bool {
+		return st.Peer != nil && st.Peer.Replication == "Behind" && st.Peer.Resync != nil && st.Peer.Resync.TotalBytes > undoCap
+	})
+	t.Logf("beta Behind: %d of %d bytes, undo %d", bSt.Peer.Resync.DoneBytes, bSt.Peer.Resync.TotalBytes, bSt.UndoBytes)
+	if bSt.Disk != "Inconsistent" {
+		t.Fatalf("beta Behind with disk %s", bSt.Disk)
+	}
+	if out := pr.beta.mustCLI("status"); !strings.Contains(out, "Behind") || !strings.Contains(out, "done:") {
+		t.Fatalf("human status of a Behind target lacks its state or progress:\n%s", out)
+	}
+
+	ev.waitEvent(t, "the undo log full", resyncTimeout, func(e mirrorEvent) bool { return e.Type == "undo" })
+	waitFor(t, stateTimeout, "beta to refuse the source while its undo log is full", func() bool {
+		return pr.beta.logCount("peer connection refused", "undo log full") > 0
+	})
+	bSt = pr.beta.status()
+	if bSt.Disk != "Inconsistent" || bSt.UndoBytes == 0 || bSt.UndoBytes > undoCap || bSt.UndoLimitBytes != undoCap {
+		t.Fatalf("beta paused at the cap: %s undo %d limit %d", bSt.brief(), bSt.UndoBytes, bSt.UndoLimitBytes)
+	}
+	if out := pr.beta.mustCLI("status"); !strings.Contains(out, "undo:") || !strings.Contains(out, "cap ") {
+		t.Fatalf("human status lacks the undo log and its cap:\n%s", out)
+	}
+	pr.alpha.waitStatus("the pause in alpha's status", stateTimeout, func(st mirrorStatus) bool {
+		return st.disconnected() && strings.Contains(st.Peer.Reason, "undo log full")
+	})
+	t.Logf("paused: beta's undo log holds %d of %d bytes; alpha: %q", bSt.UndoBytes, undoCap, pr.alpha.status().Peer.Reason)
+
+	pr.alpha.p.kill()
+	pr.beta.promote()
+	if st := pr.beta.status(); st.Disk != "UpToDate" || st.UndoBytes != 0 {
+		t.Fatalf("beta after promote: %s undo %d", st.brief(), st.UndoBytes)
+	}
+	data, err := os.ReadFile(pr.beta.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := w.requirePrefix(t, "beta rolled back", data[:pr.size])
+	if held == 0 || held == w.h.seq.Load() {
+		t.Fatalf("beta rolled back to %d of %d versions: want the prefix the window and journal delivered", held, w.h.seq.Load())
+	}
+	t.Logf("beta rolled back to versions 1..%d of %d", held, w.h.seq.Load())
 }
