@@ -149,10 +149,40 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 }
 
-// ServeConn serves one already-connected client (a socketpair handed to the
-// kernel, say) in the background. The server owns nc from now on.
-func (s *Server) ServeConn(nc net.Conn) {
+// ServeConn serves one already-connected client in the background, starting
+// with the handshake. The server owns nc from now on.
+func (s *Server) ServeConn(nc net.Conn) { s.serveConn(nc, nil) }
+
+// ServeNegotiated serves a connection whose handshake happened elsewhere
+// (the kernel's client, which only speaks the transmission phase, is given
+// the export's flags and size through netlink or ioctl). The server owns nc
+// from now on.
+func (s *Server) ServeNegotiated(nc net.Conn, export string) error {
+	e := s.export(export)
+	if e == nil {
+		_ = nc.Close()
+		return fmt.Errorf("nbd: no export %q", export)
+	}
+	s.serveConn(nc, e)
+	return nil
+}
+
+// export finds an export by name; "" is the first, as in the handshake.
+func (s *Server) export(name string) *Export {
+	for _, e := range s.exports {
+		if e.Name == name {
+			return e
+		}
+	}
+	if name == "" {
+		return s.exports[0]
+	}
+	return nil
+}
+
+func (s *Server) serveConn(nc net.Conn, exp *Export) {
 	c := &conn{
+		exp: exp,
 		s:   s,
 		nc:  nc,
 		br:  bufio.NewReaderSize(nc, readBufferSize),
@@ -299,9 +329,7 @@ func (c *conn) serve() {
 	if c.stopping.Load() {
 		return
 	}
-	bw := bufio.NewWriterSize(c.nc, 4096)
-	neg := negotiation{r: c.br, w: bw, exports: c.s.exports}
-	exp, err := neg.run()
+	exp, err := c.negotiate()
 	if err != nil {
 		switch {
 		case errors.Is(err, ErrAborted):
@@ -330,6 +358,16 @@ func (c *conn) serve() {
 		}
 	}
 	c.log.Debug().Bool("graceful", graceful).Msg("client disconnected")
+}
+
+// negotiate runs the handshake, unless the connection came pre-negotiated.
+func (c *conn) negotiate() (*Export, error) {
+	if c.exp != nil {
+		return c.exp, nil
+	}
+	bw := bufio.NewWriterSize(c.nc, 4096)
+	neg := negotiation{r: c.br, w: bw, exports: c.s.exports}
+	return neg.run()
 }
 
 // transmit reads requests until DISC, shutdown or a broken stream. It

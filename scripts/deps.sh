@@ -8,11 +8,13 @@ declare -A pkg=(
 	[fio]=fio [nbdkit]=nbdkit [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
 	[qemu-storage-daemon]=qemu-system-common [python3]=python3 [nft]=nftables [ip]=iproute2
 	[etcd]=etcd-server
+	[qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [cpio]=cpio [nbd-client]=nbd-client
 )
 case "${1:-test}" in
 demo) tools=(nbdfuse fusermount3 mkfs.ext4 e2fsck losetup) ;;
-test) tools=(nbdfuse nbdinfo nbdcopy fusermount3 mkfs.ext4 e2fsck losetup fio nbdkit qemu-io qemu-nbd python3 etcd nft ip) ;;
-bench) tools=(fio nbdkit qemu-nbd qemu-storage-daemon python3) ;;
+test) tools=(nbdfuse nbdinfo nbdcopy fusermount3 mkfs.ext4 e2fsck losetup fio nbdkit qemu-io qemu-nbd python3 etcd nft ip
+	qemu-system-x86_64 busybox cpio nbd-client) ;;
+bench) tools=(fio nbdkit qemu-nbd qemu-storage-daemon python3 qemu-system-x86_64 busybox cpio nbd-client) ;;
 *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac
 command -v go >/dev/null || { echo "deps.sh: Go is required (https://go.dev/dl)" >&2; exit 1; }

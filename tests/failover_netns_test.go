@@ -589,23 +589,8 @@ func TestFailoverKillPrimaryNetns(t *testing.T) {
 func TestDrillScript(t *testing.T) {
 	requireRoot(t)
 	requireTools(t, "ip", "qemu-io")
-	cmd := exec.Command("bash", "../scripts/drill.sh")
-	cmd.Env = append(childEnv(nil), "MIRRORD="+mirrordBin, "DRILL_NO_BAR=1")
-	done := make(chan struct{})
-	var out []byte
-	var err error
-	go func() { out, err = cmd.CombinedOutput(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(3 * time.Minute):
-		_ = cmd.Process.Kill()
-		<-done
-		t.Fatalf("drill.sh did not finish in 3 minutes:\n%s", out)
-	}
-	if err != nil {
-		t.Fatalf("drill.sh: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "kill -9 of the primary to the first write accepted at the floating IP:") {
+	out := runScript(t, 3*time.Minute, append(childEnv(nil), "MIRRORD="+mirrordBin, "DRILL_NO_BAR=1"), "../scripts/drill.sh")
+	if !strings.Contains(out, "kill -9 of the primary to the first write accepted at the floating IP:") {
 		t.Fatalf("drill.sh printed no figure:\n%s", out)
 	}
 	t.Logf("%s", out)

@@ -628,3 +628,23 @@ func (c *collect) report(t testing.TB) {
 		t.Error(err)
 	}
 }
+
+// runScript runs one of our bash scripts to the end and returns what it
+// printed; a failure, or still running after limit, fails the test.
+func runScript(t *testing.T, limit time.Duration, env []string, script string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", script)
+	cmd.Env = env
+	// A child the script left behind must not hold the output pipe open.
+	cmd.WaitDelay = 10 * time.Second
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("%s did not finish in %v:\n%s", script, limit, out)
+	}
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", script, err, out)
+	}
+	return string(out)
+}

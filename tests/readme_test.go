@@ -27,27 +27,12 @@ func TestREADMEDemoScript(t *testing.T) {
 			break
 		}
 	}
-	cmd := exec.Command("bash", "../scripts/demo.sh")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("DEMO_PEER_PORT=%d", port))
-	done := make(chan struct{})
-	var out []byte
-	var err error
-	go func() { out, err = cmd.CombinedOutput(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Minute):
-		_ = cmd.Process.Kill()
-		<-done
-		t.Fatalf("demo.sh did not finish in 5 minutes:\n%s", out)
-	}
-	if err != nil {
-		t.Fatalf("demo.sh failed: %v\n%s", err, out)
-	}
+	out := runScript(t, 5*time.Minute, append(os.Environ(), fmt.Sprintf("DEMO_PEER_PORT=%d", port)), "../scripts/demo.sh")
 	for _, want := range []string{
 		"role:Primary", "role:Secondary", "connection:Connected replication:Established",
 		"e2fsck: clean", "0 B out of sync", "REPLICAS IDENTICAL",
 	} {
-		if !strings.Contains(string(out), want) {
+		if !strings.Contains(out, want) {
 			t.Errorf("demo output lacks %q", want)
 		}
 	}
@@ -139,6 +124,50 @@ func TestREADMEVerbs(t *testing.T) {
 		out, err := exec.Command(mirrordBin, v, "--help").CombinedOutput()
 		if err != nil {
 			t.Errorf("mirrord %s --help: %v\n%s", v, err, out)
+		}
+	}
+}
+
+// TestREADMEKernelDevice: the README's /dev/nbdX section shows the config
+// and commands that TestKernelDeviceRestart runs in its VM
+// (testdata/vm/restart.sh): the YAML verbatim, each command in a line of
+// the script.
+func TestREADMEKernelDevice(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script, err := os.ReadFile("testdata/vm/restart.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sec, ok := strings.Cut(string(readme), "\n## The volume as /dev/nbdX\n")
+	if !ok {
+		t.Fatal("README has no section \"The volume as /dev/nbdX\"")
+	}
+	sec, _, _ = strings.Cut(sec, "\n## ")
+	blocks := regexp.MustCompile("(?s)```(yaml|sh)\n(.*?)```").FindAllStringSubmatch(sec, -1)
+	if len(blocks) < 3 {
+		t.Fatalf("the section has %d code blocks, want a yaml and two sh", len(blocks))
+	}
+	lines := strings.Split(string(script), "\n")
+	for _, b := range blocks {
+		if b[1] == "yaml" {
+			if !strings.Contains(string(script), b[2]) {
+				t.Errorf("restart.sh does not use the README's config:\n%s", b[2])
+			}
+			continue
+		}
+		for _, cmd := range strings.Split(strings.TrimSpace(b[2]), "\n") {
+			cmd, _, _ = strings.Cut(cmd, " #")
+			cmd = strings.TrimSpace(cmd)
+			found := false
+			for _, l := range lines {
+				found = found || strings.Contains(l, cmd)
+			}
+			if !found {
+				t.Errorf("README command %q is not run by testdata/vm/restart.sh", cmd)
+			}
 		}
 	}
 }

@@ -140,6 +140,14 @@ type NBDConfig struct {
 	Listen        []string `mapstructure:"listen"`
 	ReadOnly      bool     `mapstructure:"read-only"`
 	InflightBytes ByteSize `mapstructure:"inflight-bytes"`
+	// Device exposes the volume as a kernel block device while this node
+	// is Primary: "/dev/nbdN", "auto" (the first free one) or "" (none).
+	// The other device-* keys tune it (see device.go).
+	Device            string        `mapstructure:"device"`
+	DeviceConnections int           `mapstructure:"device-connections"`
+	DeviceTimeout     time.Duration `mapstructure:"device-timeout"`
+	DeviceDeadTimeout time.Duration `mapstructure:"device-dead-timeout"`
+	DeviceInterface   string        `mapstructure:"device-interface"` // auto, netlink or ioctl
 }
 
 // LogConfig selects verbosity and format.
@@ -201,6 +209,7 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("control.socket", DefaultControl)
 	v.SetDefault("log.level", "info")
 	v.SetDefault("log.format", "auto")
+	setDeviceDefaults(v.SetDefault)
 	setFailoverDefaults(v.SetDefault)
 }
 
@@ -349,6 +358,7 @@ func (c *Config) validate() error {
 			bad("nbd.listen", "%v", err)
 		}
 	}
+	c.validateDevice(bad)
 	if c.NBD.InflightBytes < nbd.MaxPayload {
 		bad("nbd.inflight-bytes", "must be at least %d, the largest request (got %d)", nbd.MaxPayload, c.NBD.InflightBytes)
 	}

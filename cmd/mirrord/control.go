@@ -30,7 +30,8 @@ import (
 // statusReply is GET /status.
 type statusReply struct {
 	mirror.Status
-	NBD nbd.Stats `json:"nbd"`
+	NBD    nbd.Stats     `json:"nbd"`
+	Device *deviceStatus `json:"device,omitempty"`
 	// Failover is the agent's state (absent when failover is off).
 	Failover *failoverView `json:"failover,omitempty"`
 }
@@ -38,12 +39,13 @@ type statusReply struct {
 type controlServer struct {
 	vol   *mirror.Volume
 	srv   *nbd.Server
+	kx    *kernelExport
 	log   zerolog.Logger
 	agent *agent.Agent // nil: failover off
 }
 
 func (c *controlServer) status() statusReply {
-	st := statusReply{Status: c.vol.Status(), NBD: c.srv.Stats()}
+	st := statusReply{Status: c.vol.Status(), NBD: c.srv.Stats(), Device: c.kx.status()}
 	if c.agent != nil {
 		st.Failover = viewFailover(c.agent.Status())
 	}
@@ -66,21 +68,36 @@ func (c *controlServer) handler() http.Handler {
 			return
 		}
 		err := c.vol.Promote(mirror.PromoteOptions{Force: force})
-		if err == nil && c.agent != nil {
+		switch {
+		case err != nil:
+		case c.agent != nil:
 			// The agent unfences once it knows this node is the only
-			// Primary; the resources come up now.
+			// Primary; the resources (the kernel device first) come up now.
 			err = c.agent.Resources(r.Context(), true)
+		default:
+			err = c.kx.attach()
 		}
 		c.act(w, "promote", err)
 	})
 	mux.HandleFunc("POST /demote", func(w http.ResponseWriter, r *http.Request) {
+		// The resources go first (the mount, then the device, which
+		// refuses while still mounted): a Secondary's device would fail
+		// every write, and one in use must keep its Primary.
 		if c.agent != nil {
 			if err := c.agent.Resources(r.Context(), false); err != nil {
 				c.act(w, "demote", err)
 				return
 			}
+		} else if err := c.kx.detach(); err != nil {
+			c.act(w, "demote", err)
+			return
 		}
-		c.act(w, "demote", c.vol.Demote())
+		err := c.vol.Demote()
+		if err != nil && c.agent == nil {
+			// Still Primary (a standalone volume, say): expose it again.
+			err = errors.Join(err, c.kx.attach())
+		}
+		c.act(w, "demote", err)
 	})
 	mux.HandleFunc("POST /connect", func(w http.ResponseWriter, r *http.Request) {
 		c.vol.Connect()

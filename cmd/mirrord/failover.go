@@ -204,7 +204,7 @@ func (c *Config) validateFailover(bad func(key, format string, a ...any)) {
 
 // newFailover builds the agent over vol. secret is the pair's secret;
 // recv returns where received heartbeats go (the agent, once built).
-func newFailover(c *Config, vol *mirror.Volume, secret []byte, recv func() func(string, []byte), log zerolog.Logger) (*agent.Agent, error) {
+func newFailover(c *Config, vol *mirror.Volume, secret []byte, recv func() func(string, []byte), dev *kernelExport, log zerolog.Logger) (*agent.Agent, error) {
 	var errs []error
 	bad := func(key, format string, a ...any) {
 		errs = append(errs, &FieldError{Key: key, Msg: fmt.Sprintf(format, a...)})
@@ -259,6 +259,7 @@ func newFailover(c *Config, vol *mirror.Volume, secret []byte, recv func() func(
 	if len(f.Resources) > 0 {
 		res = chain
 	}
+	res = dev.under(res)
 	a, err := agent.New(agent.Config{
 		Machine: mc, Volume: c.Volume.Name, Secret: secret, EpochFile: c.epochFile(),
 		Voter: voter, Resources: res, Log: log,

@@ -32,6 +32,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 	path := fs.String("path", "", "backing file or block device (volume.path)")
 	size := fs.String("size", "", "size when creating the backing file (volume.size)")
 	listen := fs.StringSlice("listen", nil, "unix:/path or tcp:host:port, repeatable (nbd.listen)")
+	keep := fs.Bool("keep-device", false, "on exit leave nbd.device attached for the next mirrord (an upgrade), even when nothing holds it")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -50,10 +51,10 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	log := newLogger(c.Log, os.Stderr).With().Str("volume", c.Volume.Name).Logger()
-	return run(c, log)
+	return run(c, log, *keep)
 }
 
-func run(c *Config, log zerolog.Logger) error {
+func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 	if err := os.MkdirAll(filepath.Dir(c.Volume.Path), 0o755); err != nil {
 		return fmt.Errorf("volume.path: %w", err)
 	}
@@ -89,16 +90,6 @@ func run(c *Config, log zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if c.Failover.Enabled {
-		fo, err = newFailover(c, vol, peer.Secret, foRecv.load, log)
-		if err != nil {
-			_ = vol.Close()
-			return err
-		}
-		foRecv.store(fo.Receive)
-		fo.Start()
-		defer func() { _ = fo.Close() }()
-	}
 	srv, err := nbd.NewServer(log, nbd.Export{
 		Name:        c.Volume.Name,
 		Description: "mirrord volume " + c.Volume.Name,
@@ -110,6 +101,19 @@ func run(c *Config, log zerolog.Logger) error {
 		return err
 	}
 	srv.InflightBytes = int64(c.NBD.InflightBytes)
+	// The kernel device is the agent's first resource (a mount above it
+	// needs it), or follows the role by itself without an agent.
+	kx := &kernelExport{srv: srv, vol: vol, cfg: c.NBD, name: c.Volume.Name, log: log}
+	if c.Failover.Enabled {
+		fo, err = newFailover(c, vol, peer.Secret, foRecv.load, kx, log)
+		if err != nil {
+			_ = vol.Close()
+			return err
+		}
+		foRecv.store(fo.Receive)
+		fo.Start()
+		defer func() { _ = fo.Close() }()
+	}
 
 	var listeners []net.Listener
 	for _, a := range c.NBD.Listen {
@@ -131,7 +135,7 @@ func run(c *Config, log zerolog.Logger) error {
 		_ = vol.Close()
 		return fmt.Errorf("control.socket: %w", err)
 	}
-	cs := &controlServer{vol: vol, srv: srv, log: log, agent: fo}
+	cs := &controlServer{vol: vol, srv: srv, kx: kx, log: log, agent: fo}
 	hs := &http.Server{Handler: cs.handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = hs.Serve(ctl) }()
 	defer func() { _ = hs.Close() }()
@@ -148,13 +152,24 @@ func run(c *Config, log zerolog.Logger) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	var runErr error
-	select {
-	case s := <-sig:
-		log.Info().Str("signal", s.String()).Msg("shutting down")
-	case err := <-serveErr:
-		runErr = fmt.Errorf("serve: %w", err)
-		log.Error().Err(err).Msg("listener failed, shutting down")
+	stopFollow := func() {}
+	if fo == nil {
+		stopFollow = kx.follow()
 	}
+	if err := kx.attach(); err != nil {
+		runErr = err
+		log.Error().Err(err).Msg("kernel device attach failed, shutting down")
+	} else {
+		select {
+		case s := <-sig:
+			log.Info().Str("signal", s.String()).Msg("shutting down")
+		case err := <-serveErr:
+			runErr = fmt.Errorf("serve: %w", err)
+			log.Error().Err(err).Msg("listener failed, shutting down")
+		}
+	}
+	stopFollow()
+	kx.stop(keepDevice)
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {

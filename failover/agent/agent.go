@@ -14,11 +14,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/atomicfile"
 
 	"github.com/rs/zerolog"
 
@@ -808,33 +809,8 @@ func SaveEpoch(path string, epoch uint64) error {
 	if path == "" {
 		return nil
 	}
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, filepath.Base(path)+".tmp*")
-	if err != nil {
+	if err := atomicfile.Write(path, []byte(fmt.Sprintf("%d\n", epoch))); err != nil {
 		return fmt.Errorf("save epoch: %w", err)
-	}
-	tmp := f.Name()
-	_, err = fmt.Fprintf(f, "%d\n", epoch)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("save epoch: %w", err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("save epoch: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("save epoch: sync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sort"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/atomicfile"
 )
 
 // stateFile is the name of the witness's durable state in Config.StateDir.
@@ -173,37 +175,8 @@ func (l *ledger) save() error {
 	if err != nil {
 		return err
 	}
-	return writeFileSync(filepath.Join(l.dir, stateFile), append(b, '\n'))
-}
-
-func writeFileSync(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, filepath.Base(path)+".tmp*")
-	if err != nil {
+	if err := atomicfile.Write(filepath.Join(l.dir, stateFile), append(b, '\n')); err != nil {
 		return fmt.Errorf("save witness state: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("save witness state: %w", err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("save witness state: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("save witness state: sync %s: %w", dir, err)
 	}
 	return nil
 }
