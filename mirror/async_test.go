@@ -185,6 +185,24 @@ func TestAsyncStallGoesJournalAheadCatchUp(t *testing.T) {
 	assertIdentical(t, a, b)
 }
 
+// blocks is the history overflowThenRecover writes: blocks 0..300 in sync,
+// then up to blocks while the link is stalled.
+const blocks = 1500
+
+// overflowThenRecover starts an async pair (resync at 1 MiB/s) with peer,
+// stalls the link until the Primary is Ahead, and lets it flow again: the
+// catch-up follows. read reads the target's disk.
+func overflowThenRecover(t *testing.T, peer func(*PeerConfig)) (b *node, fault *netFault, read func(p []byte, off int64) error) {
+	t.Helper()
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: peer})
+	writeStamped(t, a.v, 0, 300)
+	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
+	stallAndOverflow(t, a, fault, 300, blocks)
+	read = fileReader(t, filepath.Join(b.dir, "disk.img"))
+	fault.paused.Store(false)
+	return b, fault, read
+}
+
 // TestPromoteMidCatchUpRollsBack loses the primary at several points of
 // the catch-up resync: the promoted target is the consistent image it held
 // before (a prefix of the history), also after a restart of the target.
@@ -199,13 +217,7 @@ func TestPromoteMidCatchUpRollsBack(t *testing.T) {
 		{"most, after a target restart", 3 << 20, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: journalPeer(256<<10, 1<<20)})
-			const blocks = 1500
-			writeStamped(t, a.v, 0, 300)
-			waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
-			stallAndOverflow(t, a, fault, 300, blocks)
-			read := fileReader(t, filepath.Join(b.dir, "disk.img"))
-			fault.paused.Store(false)
+			b, fault, read := overflowThenRecover(t, journalPeer(256<<10, 1<<20))
 			var image int
 			waitFor(t, "catch-up under way", func() bool {
 				if b.v.Status().UndoBytes == 0 {
@@ -390,16 +402,10 @@ func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
 // held before the catch-up.
 func TestCatchUpPausesAtUndoCap(t *testing.T) {
 	const undoCap = 512 << 10
-	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: func(pc *PeerConfig) {
+	b, fault, read := overflowThenRecover(t, func(pc *PeerConfig) {
 		journalPeer(256<<10, 1<<20)(pc)
 		pc.UndoMaxSize = undoCap
-	}})
-	const blocks = 1500
-	writeStamped(t, a.v, 0, 300)
-	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
-	stallAndOverflow(t, a, fault, 300, blocks)
-	read := fileReader(t, filepath.Join(b.dir, "disk.img"))
-	fault.paused.Store(false)
+	})
 	var image int
 	var behind *ResyncStatus
 	waitFor(t, "the catch-up paused at the cap", func() bool {
