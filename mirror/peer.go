@@ -113,6 +113,11 @@ type PeerConfig struct {
 	// changes both at runtime.
 	RateLimit   int64
 	ResyncShare int
+	// UndoMaxSize caps the undo log a sync target keeps during a catch-up
+	// (DefaultUndoMaxSize if 0, no cap if negative). A resync region that
+	// would take it past the cap is refused and the session ends with
+	// ErrUndoFull: the catch-up pauses, the image stays recoverable.
+	UndoMaxSize int64
 	// Dial connects to Address (net.Dialer by default); tests inject
 	// faults here.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
@@ -142,6 +147,9 @@ func (c *PeerConfig) fillDefaults() {
 	}
 	if c.ResyncShare == 0 {
 		c.ResyncShare = DefaultResyncShare
+	}
+	if c.UndoMaxSize == 0 {
+		c.UndoMaxSize = DefaultUndoMaxSize
 	}
 	if c.Dial == nil {
 		var d net.Dialer
@@ -175,6 +183,10 @@ const (
 	ReplVerifyS     ReplState = "VerifyS"
 	ReplVerifyT     ReplState = "VerifyT"
 )
+
+// receiving: this disk is a resync's target, from the connection
+// (SyncTarget) or in a catch-up after the source went Ahead (Behind).
+func (r ReplState) receiving() bool { return r == ReplSyncTarget || r == ReplBehind }
 
 // errDisconnected completes transfer-log entries when a session ends.
 var errDisconnected = errors.New("peer disconnected")
