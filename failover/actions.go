@@ -99,19 +99,28 @@ type SaveEpoch struct{ Epoch uint64 }
 // Record logs a decision (and keeps it for status and the event stream).
 type Record struct{ Decision Decision }
 
-func (Promote) isAction()        {}
-func (Demote) isAction()         {}
-func (Fence) isAction()          {}
-func (Unfence) isAction()        {}
-func (StartResources) isAction() {}
-func (StopResources) isAction()  {}
-func (RequestVote) isAction()    {}
-func (ReleaseVote) isAction()    {}
-func (PeerPromote) isAction()    {}
-func (AnnounceIntent) isAction() {}
-func (WithdrawIntent) isAction() {}
-func (SaveEpoch) isAction()      {}
-func (Record) isAction()         {}
+// DropReplication ends the replication session at once; the link
+// reconnects by itself. A sync Primary whose peer is lost on every path
+// would otherwise keep writes in flight waiting for the peer until the
+// session's own timeout (peer.timeout, 6 s by default); dropped, the
+// volume holds writes (with a witness) and the machine lets them through
+// as soon as the witness has recorded the peer outdated.
+type DropReplication struct{ Reason string }
+
+func (DropReplication) isAction() {}
+func (Promote) isAction()         {}
+func (Demote) isAction()          {}
+func (Fence) isAction()           {}
+func (Unfence) isAction()         {}
+func (StartResources) isAction()  {}
+func (StopResources) isAction()   {}
+func (RequestVote) isAction()     {}
+func (ReleaseVote) isAction()     {}
+func (PeerPromote) isAction()     {}
+func (AnnounceIntent) isAction()  {}
+func (WithdrawIntent) isAction()  {}
+func (SaveEpoch) isAction()       {}
+func (Record) isAction()          {}
 
 // Kind classifies a decision.
 type Kind string

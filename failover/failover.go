@@ -56,7 +56,11 @@
 // Primary that loses its replication session holds writes until the
 // witness has recorded the peer outdated (DRBD's resource-and-stonith
 // fencing policy); an outdated target refuses to promote, so no
-// acknowledged write is lost by a failover. A node that has not heard its
+// acknowledged write is lost by a failover. A session that is silent but
+// not yet timed out would hold writes in flight until its own timeout
+// (peer.timeout, 6 s by default): a sync Primary that declares its peer
+// lost on every path drops it ([DropReplication]), so writes wait D plus
+// one witness round trip instead. A node that has not heard its
 // peer since it started never promotes on its own (corosync's
 // wait_for_all): both sites died and only one came back, and it cannot
 // know whether the other holds newer data.
@@ -71,9 +75,13 @@
 // counter (a fencing token) and a set of outdated nodes.
 //
 //   - [RequestVote] from node N: if another node holds an unexpired lease,
-//     deny and name the holder. Otherwise grant: if the last holder was a
-//     different node, the counter becomes max(counter, request epoch)+1,
-//     else max(counter, request epoch); N becomes holder and last holder
+//     deny and name the holder. Otherwise grant: if the last holder was
+//     not N (a different node, or none recorded: an empty ledger cannot
+//     vouch that nobody held the vote, since it may be a witness that was
+//     replaced or lost its state), the counter becomes
+//     max(counter, request epoch)+1, else max(counter, request epoch); so
+//     the first grant on an empty ledger is at least 1 and epoch 0 is
+//     never a token; N becomes holder and last holder
 //     with a lease of Config.LeaseTTL from now; record N's claim about its
 //     peer (outdated or not). Reply with the counter, whether N itself is
 //     recorded outdated and whether N's peer is.
@@ -81,9 +89,11 @@
 //     (counter+1, fresh lease), as if that node had asked.
 //
 // A grant whose epoch equals the node's own therefore means nobody else
-// held the vote in between; a larger one means another node did and may
-// have been promoted, so a Primary waits to hear its peer as Secondary
-// before it serves again.
+// held the vote in between; a larger one means another node did (or the
+// witness cannot tell) and may have been promoted, so a Primary waits to
+// hear its peer as Secondary before it serves again. A Primary that meets
+// an empty ledger (a new witness) thus serves again once its peer vouches
+// for it, or when the operator forces it.
 //
 // # What the runner must do
 //
@@ -101,6 +111,8 @@
 //     the machine's Fence comes one event later.
 //   - Deliver the peer's PeerPromote as a Handover, and operator commands
 //     as events.
+//   - Carry out DropReplication beside the loop (ending a session waits
+//     for its teardown).
 package failover
 
 import (

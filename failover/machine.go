@@ -59,15 +59,16 @@ const (
 
 type swPhase uint8
 
+// Switchover phases, in order.
 const (
-	swDrain swPhase = iota
-	swStop
+	swStop swPhase = iota
+	swDrain
 	swDemote
 	swRelease
 )
 
 func (p swPhase) String() string {
-	return [...]string{"drain", "stop-resources", "demote", "release-vote"}[p]
+	return [...]string{"stop-resources", "drain", "demote", "release-vote"}[p]
 }
 
 type switchover struct {
@@ -461,6 +462,11 @@ func (m *Machine) detect() {
 		}
 		m.record(KindPeer, false, cause)
 		delete(m.topics, "promote")
+		if m.role == RolePrimary && m.local.Connected && !m.local.Async {
+			why := fmt.Sprintf("replication session to %s still up but silent: dropped now, not after its own timeout, so that writes wait only until the witness records %s outdated", m.cfg.Peer, m.cfg.Peer)
+			m.emit(DropReplication{Reason: "failover: " + why})
+			m.record(KindPeer, true, why)
+		}
 	case !lost && m.lost:
 		m.lost = false
 		m.record(KindPeer, false, fmt.Sprintf("peer %s back after %v: %s", m.cfg.Peer, m.now.Sub(m.lostAt), m.silences()))

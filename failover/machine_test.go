@@ -16,6 +16,9 @@ type harness struct {
 	now  time.Time
 	all  []timedAction
 	vote func(RequestVote) *WitnessVote // answers RequestVote at once, if set
+	// holdStop leaves StopResources unanswered (a slow stop): the test
+	// steps its result.
+	holdStop bool
 }
 
 func newHarness(t *testing.T, node, peer string, tune func(*Config)) *harness {
@@ -58,7 +61,9 @@ func (h *harness) step(e Event) []Action {
 		case StartResources:
 			more = append(more, h.step(ActionResult{ID: a.ID})...)
 		case StopResources:
-			more = append(more, h.step(ActionResult{ID: a.ID})...)
+			if !h.holdStop {
+				more = append(more, h.step(ActionResult{ID: a.ID})...)
+			}
 		case RequestVote:
 			if h.vote != nil {
 				if v := h.vote(a); v != nil {
@@ -718,6 +723,68 @@ func TestReturningPrimaryDemotes(t *testing.T) {
 	}
 }
 
+// A switchover stops the resources while writes are still acknowledged
+// (an application's shutdown and an unmount write: held writes would hang
+// them), then holds writes, drains and demotes. While the resources stop
+// unfenced the quorum rules still apply.
+func TestSwitchoverStopsResourcesBeforeHoldingWrites(t *testing.T) {
+	b := Beacon{Node: "b", Role: RoleSecondary, Disk: DiskUpToDate, Hears: true}
+	setup := func(t *testing.T) (*harness, StopResources) {
+		h := newHarness(t, "a", "b", nil)
+		h.vote = func(r RequestVote) *WitnessVote { return &WitnessVote{Granted: true, Holder: "a", Epoch: r.Epoch} }
+		h.local(LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate})
+		h.steady(b, 3*time.Second)
+		if h.m.Status().Fenced {
+			t.Fatal(h.decisions())
+		}
+		h.holdStop = true
+		acts := h.step(Switchover{})
+		st, ok := find[StopResources](acts)
+		if !ok || has[Fence](acts) || has[Demote](acts) || h.m.Status().Switchover != "stop-resources" {
+			t.Fatalf("switchover's first step: %v\n%s", acts, h.decisions())
+		}
+		return h, st
+	}
+	t.Run("in order", func(t *testing.T) {
+		h, st := setup(t)
+		// A slow stop: writes stay acknowledged all along.
+		if acts := h.steady(b, 8*time.Second); has[Fence](acts) || h.m.Status().Fenced {
+			t.Fatalf("fenced while the resources stop:\n%s", h.decisions())
+		}
+		acts := h.step(ActionResult{ID: st.ID})
+		var order []string
+		for _, a := range acts {
+			switch a.(type) {
+			case Fence, Demote, StartResources:
+				order = append(order, fmt.Sprintf("%T", a))
+			}
+		}
+		if strings.Join(order, " ") != "failover.Fence failover.Demote" {
+			t.Fatalf("after the stop: %v\n%s", order, h.decisions())
+		}
+	})
+	t.Run("quorum lost while stopping", func(t *testing.T) {
+		h, st := setup(t)
+		h.vote = func(r RequestVote) *WitnessVote { return &WitnessVote{Holder: "b", Epoch: r.Epoch + 1} }
+		acts := h.ticks(50*time.Millisecond, 4*time.Second) // b silent, the witness denies
+		if f, ok := find[Fence](acts); !ok || !h.recorded("while the switchover stops resources: the witness says b holds the vote") {
+			t.Fatalf("not fenced (%v) while stopping without quorum:\n%s", f, h.decisions())
+		}
+		acts = h.step(ActionResult{ID: st.ID})
+		if !has[StartResources](acts) || has[Unfence](acts) || has[Demote](acts) || !h.recorded("switchover aborted: quorum lost") || !h.m.Status().Fenced {
+			t.Fatalf("after the stop without quorum: %v\n%s", acts, h.decisions())
+		}
+	})
+	t.Run("stop fails", func(t *testing.T) {
+		h, st := setup(t)
+		acts := h.step(ActionResult{ID: st.ID, Err: errors.New("unmount: busy")})
+		if !has[StartResources](acts) || has[Fence](acts) || has[Demote](acts) || h.m.Status().Fenced ||
+			!h.recorded("switchover aborted: stopping resources failed: unmount: busy") {
+			t.Fatalf("after a failed stop: %v\n%s", acts, h.decisions())
+		}
+	})
+}
+
 func TestSwitchoverTimeout(t *testing.T) {
 	h := newHarness(t, "a", "b", func(c *Config) { c.Witness = false })
 	h.local(LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate, LagBytes: 4096})
@@ -832,4 +899,48 @@ func TestEpochs(t *testing.T) {
 			t.Fatal(h.decisions())
 		}
 	})
+}
+
+// A sync Primary that keeps the vote but loses its target on every path
+// while the replication session still looks up drops the session at the
+// detection timeout instead of waiting for the session's own timeout; the
+// volume then holds writes, the machine claims the target outdated, and
+// lets writes through once the witness has recorded it.
+func TestPrimaryDropsSilentSessionAtDetection(t *testing.T) {
+	h := newHarness(t, "a", "b", nil)
+	h.vote = func(r RequestVote) *WitnessVote {
+		return &WitnessVote{Granted: true, Holder: "a", Epoch: r.Epoch, PeerOutdated: r.PeerOutdated}
+	}
+	connected := LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate}
+	h.local(connected)
+	b := Beacon{Node: "b", Role: RoleSecondary, Disk: DiskUpToDate, Hears: true}
+	h.steady(b, 3*time.Second)
+	if h.m.Status().Fenced {
+		t.Fatal(h.decisions())
+	}
+	// b falls silent on every path; the session is not torn down yet.
+	acts := h.ticks(50*time.Millisecond, 3*time.Second+h.m.cfg.DetectTimeout()-50*time.Millisecond)
+	if has[DropReplication](acts) {
+		t.Fatalf("dropped before the detection timeout:\n%s", h.decisions())
+	}
+	acts = h.ticks(50*time.Millisecond, 3*time.Second+h.m.cfg.DetectTimeout()+50*time.Millisecond)
+	if !has[DropReplication](acts) || !h.recorded("dropped now, not after its own timeout") {
+		t.Fatalf("no early drop at the detection timeout:\n%s", h.decisions())
+	}
+	// The volume dropped the session and holds writes (HoldOnDisconnect).
+	acts = h.local(LocalState{Role: RolePrimary, Disk: DiskUpToDate, Fenced: true, PeerDisk: DiskDUnknown})
+	acts = append(acts, h.tick(3*time.Second+h.m.cfg.DetectTimeout()+100*time.Millisecond)...)
+	var claimed bool
+	for _, ta := range h.all {
+		if r, ok := ta.a.(RequestVote); ok && r.PeerOutdated {
+			claimed = true
+		}
+	}
+	if !claimed || !has[Unfence](acts) || h.m.Status().Fenced {
+		t.Fatalf("claimed b outdated %v; writes let through: %v\n%s", claimed, has[Unfence](acts), h.decisions())
+	}
+	// Only once per loss.
+	if acts := h.ticks(50*time.Millisecond, 8*time.Second); has[DropReplication](acts) {
+		t.Fatalf("dropped again:\n%s", h.decisions())
+	}
 }

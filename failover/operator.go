@@ -159,31 +159,46 @@ func (m *Machine) startSwitchover(why string) bool {
 		_, r, _ := m.fenceReason()
 		return refuse("this node is fenced: " + r)
 	}
-	m.sw = &switchover{phase: swDrain, deadline: m.now.Add(m.cfg.SwitchoverTimeout), why: why}
-	m.fence(FenceSuspend, "switchover: holding writes until "+m.cfg.Peer+" has them all")
-	m.record(KindSwitchover, true, fmt.Sprintf("switchover to %s (%s): writes held while %s catches up (lag %d bytes)", m.cfg.Peer, why, m.cfg.Peer, l.LagBytes))
+	// Resources stop first, while writes are still acknowledged (and
+	// replicated): an application's shutdown and the unmount of its file
+	// system write, and with writes held they would hang until the stop
+	// timed out and the switchover aborted. Writes are held only after.
+	m.sw = &switchover{phase: swStop, why: why}
+	m.sw.id = m.id(opStop)
+	m.emit(StopResources{ID: m.sw.id, Reason: "switchover"})
+	m.record(KindSwitchover, true, fmt.Sprintf("switchover to %s (%s): stopping resources (writes still acknowledged and replicated)", m.cfg.Peer, why))
 	return true
 }
 
 func (m *Machine) driveSwitchover() {
 	sw := m.sw
-	if sw.phase != swDrain {
+	switch sw.phase {
+	case swStop:
+		// Unfenced while the resources stop, so the quorum rules still
+		// apply: fence at once if they say so (the drain then aborts).
+		if code, why, how := m.fenceReason(); code != "" && !m.fenced {
+			m.fence(how, why)
+			m.recordTopic("fence", code, KindFence, true, "fenced ("+how.String()+") while the switchover stops resources: "+why)
+		}
+		return
+	case swDrain:
+	default:
 		return // waiting for an action's result
 	}
 	if code, why, _ := m.fenceReason(); code == "denied" || code == "lapsed" {
-		m.abortSwitchover(false, "quorum lost: "+why)
+		m.abortSwitchover("quorum lost: " + why)
 		return
 	}
 	l := m.local
 	switch {
 	case m.lost:
-		m.abortSwitchover(true, fmt.Sprintf("peer %s lost during the drain", m.cfg.Peer))
+		m.abortSwitchover(fmt.Sprintf("peer %s lost during the drain", m.cfg.Peer))
 	case l.Connected && l.PeerDisk == DiskUpToDate && l.LagBytes == 0:
-		sw.phase, sw.id = swStop, m.id(opStop)
-		m.emit(StopResources{ID: sw.id, Reason: "switchover"})
-		m.record(KindSwitchover, true, fmt.Sprintf("%s has every write: stopping resources", m.cfg.Peer))
+		sw.phase, sw.id = swDemote, m.id(opDemote)
+		m.emit(Demote{ID: sw.id, Reason: "switchover to " + m.cfg.Peer})
+		m.record(KindSwitchover, true, fmt.Sprintf("%s has every write: demoting", m.cfg.Peer))
 	case !m.now.Before(sw.deadline):
-		m.abortSwitchover(true, fmt.Sprintf("target not in sync after %v: connected %v, %s's disk %s, lag %d bytes", m.cfg.SwitchoverTimeout, l.Connected, m.cfg.Peer, l.PeerDisk, l.LagBytes))
+		m.abortSwitchover(fmt.Sprintf("target not in sync after %v: connected %v, %s's disk %s, lag %d bytes", m.cfg.SwitchoverTimeout, l.Connected, m.cfg.Peer, l.PeerDisk, l.LagBytes))
 	}
 }
 
@@ -193,14 +208,17 @@ func (m *Machine) switchoverResult(o op, err error) {
 	case opStop:
 		sw.stopped = true
 		if err != nil {
-			m.abortSwitchover(true, fmt.Sprintf("stopping resources failed: %v", err))
+			m.abortSwitchover(fmt.Sprintf("stopping resources failed: %v", err))
 			return
 		}
-		sw.phase, sw.id = swDemote, m.id(opDemote)
-		m.emit(Demote{ID: sw.id, Reason: "switchover to " + m.cfg.Peer})
+		sw.phase, sw.deadline = swDrain, m.now.Add(m.cfg.SwitchoverTimeout)
+		if !m.fenced {
+			m.fence(FenceSuspend, "switchover: holding writes until "+m.cfg.Peer+" has them all")
+		}
+		m.record(KindSwitchover, true, fmt.Sprintf("resources stopped: writes held while %s catches up (lag %d bytes)", m.cfg.Peer, m.local.LagBytes))
 	case opDemote:
 		if err != nil {
-			m.abortSwitchover(true, fmt.Sprintf("demotion failed: %v", err))
+			m.abortSwitchover(fmt.Sprintf("demotion failed: %v", err))
 			return
 		}
 		m.stepDown()
@@ -224,12 +242,15 @@ func (m *Machine) finishSwitchover() {
 	m.sw = nil
 }
 
-func (m *Machine) abortSwitchover(unfence bool, why string) {
+// abortSwitchover restarts the resources if they were stopped and lifts
+// the switchover's hold on writes, unless the quorum rules want the node
+// fenced anyway (then the next evaluation unfences it when they allow).
+func (m *Machine) abortSwitchover(why string) {
 	if m.sw.stopped {
 		m.emit(StartResources{ID: m.id(opStart), Reason: "switchover aborted"})
 	}
 	m.sw = nil
-	if unfence && m.fenced {
+	if code, _, _ := m.fenceReason(); m.fenced && code == "" {
 		m.unfence("switchover aborted")
 	}
 	m.record(KindSwitchover, false, "switchover aborted: "+why)

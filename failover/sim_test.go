@@ -95,7 +95,7 @@ func (w *simWitness) request(now time.Time, node, peer string, r RequestVote, tt
 	if w.holder != "" && w.holder != node && now.Before(w.expiry) {
 		return WitnessVote{Holder: w.holder, Epoch: w.epoch}
 	}
-	if w.prev != "" && w.prev != node {
+	if w.prev != node {
 		w.epoch = max(w.epoch, r.Epoch) + 1
 	} else {
 		w.epoch = max(w.epoch, r.Epoch)

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/mirrord/mirrord/wan"
 )
 
 // Protocol A's send side. A write goes, in order of preference:
@@ -171,8 +173,14 @@ func (s *session) catchUp() {
 		return
 	}
 	v := s.v
-	s.l.log.Info().Int64("bytes", v.dirty.DirtyBytes()).Msg("backlog drained: catching up from the bitmap")
-	s.resync.start(v.dirty.DirtyBytes())
+	total := v.dirty.DirtyBytes()
+	s.l.log.Info().Int64("bytes", total).Msg("backlog drained: catching up from the bitmap")
+	s.resync.start(total)
+	if s.peer.Flags&wan.HelloCatchUp != 0 {
+		// Before the first region, so that the target (Behind) counts
+		// its progress against the whole.
+		s.reply(wan.Header{Type: wan.FrameCatchUp}, wan.PutU64(uint64(total)))
+	}
 	// The peer starts its undo log at the first resync data; a live
 	// write reaching it before that would be newer than regions it
 	// still lacks. So the first region goes out while live writes still
@@ -191,6 +199,20 @@ func (s *session) catchUp() {
 	s.ahead.Store(false)
 	unlock()
 	go s.runResync()
+}
+
+// catchUpAnnounced runs on the target: the source went Ahead and its
+// catch-up of total bytes follows; progress counts from here.
+func (s *session) catchUpAnnounced(f wan.Frame) error {
+	total, err := wan.GetU64(f.Payload)
+	if err != nil {
+		return err
+	}
+	if s.v.Role() == RolePrimary {
+		return fmt.Errorf("%w: catch-up announced to a Primary", wan.ErrMalformed)
+	}
+	s.resync.start(int64(total))
+	return nil
 }
 
 // clearSynced clears the bits of a range the peer acknowledged from a

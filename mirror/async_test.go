@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -184,6 +185,24 @@ func TestAsyncStallGoesJournalAheadCatchUp(t *testing.T) {
 	assertIdentical(t, a, b)
 }
 
+// blocks is the history overflowThenRecover writes: blocks 0..300 in sync,
+// then up to blocks while the link is stalled.
+const blocks = 1500
+
+// overflowThenRecover starts an async pair (resync at 1 MiB/s) with peer,
+// stalls the link until the Primary is Ahead, and lets it flow again: the
+// catch-up follows. read reads the target's disk.
+func overflowThenRecover(t *testing.T, peer func(*PeerConfig)) (b *node, fault *netFault, read func(p []byte, off int64) error) {
+	t.Helper()
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: peer})
+	writeStamped(t, a.v, 0, 300)
+	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
+	stallAndOverflow(t, a, fault, 300, blocks)
+	read = fileReader(t, filepath.Join(b.dir, "disk.img"))
+	fault.paused.Store(false)
+	return b, fault, read
+}
+
 // TestPromoteMidCatchUpRollsBack loses the primary at several points of
 // the catch-up resync: the promoted target is the consistent image it held
 // before (a prefix of the history), also after a restart of the target.
@@ -198,13 +217,7 @@ func TestPromoteMidCatchUpRollsBack(t *testing.T) {
 		{"most, after a target restart", 3 << 20, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: journalPeer(256<<10, 1<<20)})
-			const blocks = 1500
-			writeStamped(t, a.v, 0, 300)
-			waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
-			stallAndOverflow(t, a, fault, 300, blocks)
-			read := fileReader(t, filepath.Join(b.dir, "disk.img"))
-			fault.paused.Store(false)
+			b, fault, read := overflowThenRecover(t, journalPeer(256<<10, 1<<20))
 			var image int
 			waitFor(t, "catch-up under way", func() bool {
 				if b.v.Status().UndoBytes == 0 {
@@ -380,4 +393,48 @@ func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
 		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0 && a.v.Status().Peer.JournalBytes == 0
 	})
 	assertIdentical(t, a, b)
+}
+
+// TestCatchUpPausesAtUndoCap: the target of a catch-up after Ahead is
+// Behind with the total its source announced; with the undo log capped
+// below the catch-up it stops there (nothing past the cap overwritten),
+// refuses its source while the log is full, and promoted is the prefix it
+// held before the catch-up.
+func TestCatchUpPausesAtUndoCap(t *testing.T) {
+	const undoCap = 512 << 10
+	b, fault, read := overflowThenRecover(t, func(pc *PeerConfig) {
+		journalPeer(256<<10, 1<<20)(pc)
+		pc.UndoMaxSize = undoCap
+	})
+	var image int
+	var behind *ResyncStatus
+	waitFor(t, "the catch-up paused at the cap", func() bool {
+		st := b.v.Status()
+		if st.UndoBytes == 0 {
+			image = prefixLen(t, read, blocks) // still the drain
+		}
+		if st.Peer.Replication == string(ReplBehind) && st.Peer.Resync != nil {
+			behind = st.Peer.Resync
+		}
+		return strings.Contains(st.Peer.Reason, ErrUndoFull.Error()) && st.Peer.Connection != string(ConnConnected)
+	})
+	if behind == nil || behind.TotalBytes < undoCap {
+		t.Fatalf("the target was never Behind with the announced total: %+v", behind)
+	}
+	if err := b.v.undoRoom(); !errors.Is(err, ErrUndoFull) {
+		t.Fatalf("undoRoom after the pause: %v", err)
+	}
+	st := b.v.Status()
+	if st.UndoBytes == 0 || st.UndoBytes > undoCap || st.UndoLimitBytes != undoCap || b.v.Disk() != DiskInconsistent {
+		t.Fatalf("paused: disk %s, undo %d of %d", b.v.Disk(), st.UndoBytes, st.UndoLimitBytes)
+	}
+	fault.setCut(true)
+	waitFor(t, "no session", func() bool { return b.v.link.current() == nil })
+	if err := b.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatalf("promote at the cap: %v", err)
+	}
+	if got := prefixLen(t, read, blocks); got < 300 || got < image {
+		t.Fatalf("promoted image holds blocks 0..%d; the target had 0..%d before the catch-up", got, image)
+	}
+	t.Logf("Behind %d of %d bytes; paused with %d undo bytes (cap %d); promoted to the prefix 0..%d", behind.DoneBytes, behind.TotalBytes, st.UndoBytes, undoCap, image)
 }

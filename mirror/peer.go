@@ -113,6 +113,11 @@ type PeerConfig struct {
 	// changes both at runtime.
 	RateLimit   int64
 	ResyncShare int
+	// UndoMaxSize caps the undo log a sync target keeps during a catch-up
+	// (DefaultUndoMaxSize if 0, no cap if negative). A resync region that
+	// would take it past the cap is refused and the session ends with
+	// ErrUndoFull: the catch-up pauses, the image stays recoverable.
+	UndoMaxSize int64
 	// Dial connects to Address (net.Dialer by default); tests inject
 	// faults here.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
@@ -142,6 +147,9 @@ func (c *PeerConfig) fillDefaults() {
 	}
 	if c.ResyncShare == 0 {
 		c.ResyncShare = DefaultResyncShare
+	}
+	if c.UndoMaxSize == 0 {
+		c.UndoMaxSize = DefaultUndoMaxSize
 	}
 	if c.Dial == nil {
 		var d net.Dialer
@@ -175,6 +183,10 @@ const (
 	ReplVerifyS     ReplState = "VerifyS"
 	ReplVerifyT     ReplState = "VerifyT"
 )
+
+// receiving: this disk is a resync's target, from the connection
+// (SyncTarget) or in a catch-up after the source went Ahead (Behind).
+func (r ReplState) receiving() bool { return r == ReplSyncTarget || r == ReplBehind }
 
 // errDisconnected completes transfer-log entries when a session ends.
 var errDisconnected = errors.New("peer disconnected")
@@ -301,19 +313,18 @@ func (l *link) start() {
 	}
 }
 
+// errClosing ends the session of a volume being closed.
+var errClosing = errors.New("volume closing")
+
+// stop ends the loops; connectLoop ends the live session, if any.
 func (l *link) stop() {
 	close(l.quit)
 	if l.ln != nil {
 		_ = l.ln.Close()
 	}
 	l.mu.Lock()
-	s := l.sess.Load()
 	l.cond.Broadcast()
 	l.mu.Unlock()
-	if s != nil {
-		s.fail(errors.New("volume closing"))
-		<-s.done
-	}
 	l.wg.Wait()
 	if l.journal != nil {
 		if err := l.journal.close(); err != nil {
@@ -354,6 +365,18 @@ func (l *link) dials() bool {
 
 func (l *link) connectLoop() {
 	defer l.wg.Done()
+	// closing cancels a dial or a handshake in progress when the volume
+	// closes, so that a silent peer cannot hold Close for the handshake
+	// timeout.
+	closing, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-l.quit:
+			cancel()
+		case <-closing.Done():
+		}
+	}()
 	for {
 		l.mu.Lock()
 		standalone := l.standalone
@@ -372,10 +395,10 @@ func (l *link) connectLoop() {
 			}
 		}
 		if dialed {
-			ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
+			ctx, cancelDial := context.WithTimeout(closing, handshakeTimeout)
 			var err error
 			c, err = l.cfg.Dial(ctx, l.cfg.Address)
-			cancel()
+			cancelDial()
 			if err != nil {
 				l.setReason("connect: " + err.Error())
 				if !l.sleep() {
@@ -392,7 +415,9 @@ func (l *link) connectLoop() {
 			case c = <-l.incoming:
 			}
 		}
+		unwatch := context.AfterFunc(closing, func() { _ = c.Close() })
 		s, err := l.establish(c, dialed)
+		unwatch()
 		if err != nil {
 			_ = c.Close()
 			l.log.Warn().Err(err).Msg("peer connection refused")
@@ -404,7 +429,15 @@ func (l *link) connectLoop() {
 		}
 		l.stats.sessions.Add(1)
 		s.run()
-		<-s.done
+		// This loop, not stop, ends the session on Close: a session that
+		// establishes after stop has looked for one would otherwise run
+		// (and hold Close) for as long as the peer stays up.
+		select {
+		case <-s.done:
+		case <-l.quit:
+			s.fail(errClosing)
+			<-s.done
+		}
 		l.log.Warn().Str("reason", s.errString()).Msg("peer disconnected")
 		l.v.ev.emit("peer", l.v.Status())
 		select {

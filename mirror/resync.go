@@ -116,6 +116,13 @@ func (p *resyncProgress) status(remaining int64) *ResyncStatus {
 	return st
 }
 
+// left is what remains of the announced total.
+func (p *resyncProgress) left() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return max(0, p.total-p.done)
+}
+
 func (p *resyncProgress) stop() {
 	p.mu.Lock()
 	p.running = false

@@ -203,7 +203,7 @@ func (v *Volume) Promote(o PromoteOptions) error {
 			if ph := v.link.peerState(); ph != nil && Role(ph.Role) == RolePrimary {
 				return ErrPeerPrimary
 			}
-			if st := s.replState(); st == ReplSyncTarget && !o.Force {
+			if st := s.replState(); st.receiving() && !o.Force {
 				return ErrInconsistent
 			}
 		}
@@ -240,7 +240,7 @@ func (v *Volume) promoteUndo(o PromoteOptions) error {
 		return nil
 	}
 	if v.link != nil {
-		if s := v.link.current(); s != nil && s.replState() == ReplSyncTarget {
+		if s := v.link.current(); s != nil && s.replState().receiving() {
 			if !o.Force {
 				return ErrInconsistent
 			}

@@ -129,6 +129,7 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	s.resync.cond.L = &s.resync.mu
 	s.room.L = &s.qmu
 	own := v.hello()
+	own.Flags |= wan.HelloCatchUp
 	if l.cfg.Compress {
 		own.Flags |= wan.HelloZstd
 	}
@@ -208,6 +209,11 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 				if err := v.beginUndo(); err != nil {
 					return refuse("start undo log: %v", err)
 				}
+			}
+			// An interrupted catch-up's log (the disk is Inconsistent,
+			// so this resync is full) still guards the last image.
+			if err := v.undoRoom(); err != nil {
+				return refuse("%v", err)
 			}
 		}
 	}
@@ -663,6 +669,8 @@ func (s *session) handle(f wan.Frame) error {
 			return err
 		}
 		s.peerState(st)
+	case wan.FrameCatchUp:
+		return s.catchUpAnnounced(f)
 	case wan.FrameBeacon:
 		if s.v.onBeacon != nil {
 			s.v.onBeacon(f.Payload)
@@ -760,7 +768,13 @@ func (s *session) applyRemote(f wan.Frame) error {
 		}
 		s.syncing.Store(true)
 		s.qmu.Lock()
-		s.repl = ReplSyncTarget
+		if s.repl == ReplEstablished {
+			// Resync data in an established session: the source went
+			// Ahead and is catching up (DRBD's Behind on this side).
+			s.repl = ReplBehind
+		} else {
+			s.repl = ReplSyncTarget
+		}
 		s.qmu.Unlock()
 		go v.ev.emit("peer", v.Status())
 	}
@@ -770,6 +784,9 @@ func (s *session) applyRemote(f wan.Frame) error {
 		// it, or the next connect (after a cut or a crash) would hand the
 		// source the whole original set and restart the resync from zero.
 		err := v.applyRemote(o)
+		if errors.Is(err, ErrUndoFull) {
+			return s.pauseCatchUp(err)
+		}
 		if err == nil {
 			v.dirty.ClearRegions(o.off, o.n)
 			if s.incoming != nil {
@@ -797,13 +814,27 @@ func (s *session) applyRemote(f wan.Frame) error {
 		}()
 		return nil
 	}
-	s.ackApply(f.Seq, v.applyRemote(o), s.holdMode())
+	err := v.applyRemote(o)
+	if errors.Is(err, ErrUndoFull) {
+		return s.pauseCatchUp(err)
+	}
+	s.ackApply(f.Seq, err, s.holdMode())
 	return nil
 }
 
 // inlineApplyMax is the largest sync write the receive loop applies
 // itself while more frames wait.
 const inlineApplyMax = 64 << 10
+
+// pauseCatchUp ends the session on a sync target whose undo log is full,
+// telling the source why; nothing of the refused write was applied, and
+// the next connection is refused until the log has room.
+func (s *session) pauseCatchUp(err error) error {
+	s.l.log.Warn().Err(err).Int64("undo_bytes", s.v.undoBytes()).Msg("catch-up paused")
+	s.reply(wan.Header{Type: wan.FrameClose}, []byte(err.Error()))
+	go s.v.ev.emit("undo", s.v.Status())
+	return err
+}
 
 // checkpointTarget persists the target's shrinking bitmap now and then,
 // so that a target crash resumes the resync instead of repeating it.

@@ -18,6 +18,9 @@ type Status struct {
 	// UndoBytes is the undo log of a sync target whose last consistent
 	// image is being overwritten by a resync: promoting rolls it back.
 	UndoBytes int64 `json:"undo_bytes,omitempty"`
+	// UndoLimitBytes is the undo log's cap (peer.undo-max-size), shown
+	// while a log is open; a catch-up pauses rather than pass it.
+	UndoLimitBytes int64 `json:"undo_limit_bytes,omitempty"`
 	// Fence is the failover agent's write fence: suspend or error ("" when
 	// writes pass).
 	Fence string `json:"fence,omitempty"`
@@ -105,6 +108,9 @@ func (v *Volume) Status() Status {
 		st.Generations = genString(v.meta.snapshot().gen)
 	}
 	st.UndoBytes = v.undoBytes()
+	if v.undo.Load() != nil {
+		st.UndoLimitBytes = max(0, v.undoLimit())
+	}
 	if v.link == nil {
 		return st
 	}
@@ -137,8 +143,13 @@ func (v *Volume) Status() Status {
 			}
 		}
 		s.qmu.Unlock()
-		if ps.Replication == string(ReplSyncSource) || ps.Replication == string(ReplSyncTarget) {
+		switch ReplState(ps.Replication) {
+		case ReplSyncSource, ReplSyncTarget:
 			ps.Resync = s.resync.status(st.OutOfSyncBytes)
+		case ReplBehind:
+			// Counted against the total the source announced
+			// (FrameCatchUp); none from an older source.
+			ps.Resync = s.resync.status(s.resync.left())
 		}
 		// The target learns its peer is UpToDate from the resync's end.
 		if ps.Replication == string(ReplSyncSource) {

@@ -51,6 +51,17 @@ const (
 // says one must be.
 var ErrUndoCorrupt = errors.New("undo log corrupt")
 
+// ErrUndoFull means a resync would overwrite regions the undo log has no
+// room (peer.undo-max-size) to save: nothing of it is written, the session
+// ends and the catch-up pauses there. The last consistent image stays
+// recoverable (promote rolls the log back); raising the cap resumes it.
+var ErrUndoFull = errors.New("undo log full: catch-up paused (raise peer.undo-max-size, or promote to roll back to the last consistent image)")
+
+// DefaultUndoMaxSize caps the undo log: a catch-up overwrites each region
+// at most once, so this is the largest catch-up (in regions changed while
+// Ahead or disconnected) a target can take and still roll back.
+const DefaultUndoMaxSize = 16 << 30
+
 type undoHeader struct {
 	volumeID [16]byte
 	gen      Generations
@@ -149,6 +160,9 @@ type undoLog struct {
 	seq   uint64
 	bytes int64
 	buf   []byte
+	// full: a save was refused at the cap (until a restart, which may
+	// bring a larger one).
+	full bool
 }
 
 // createUndo starts an empty log for the image described by hdr; it is
@@ -261,6 +275,19 @@ func (u *undoLog) save(v *Volume, off, n int64) error {
 	defer u.mu.Unlock()
 	rs := u.saved.RegionSize()
 	lo, hi := off/rs*rs, min(v.size, (off+max(n, 1)+rs-1)/rs*rs)
+	if limit := v.undoLimit(); limit > 0 {
+		// Refused whole, before anything is saved or written.
+		var need int64
+		for p := lo; p < hi; p += rs {
+			if !u.saved.Test(p, 1) {
+				need += min(rs, hi-p)
+			}
+		}
+		if need > 0 && u.bytes+need > limit {
+			u.full = true
+			return fmt.Errorf("%w: it holds %d bytes, the cap is %d, the write at %d needs %d more", ErrUndoFull, u.bytes, limit, off, need)
+		}
+	}
 	wrote := false
 	for p := lo; p < hi; {
 		if u.saved.Test(p, 1) {
@@ -448,6 +475,30 @@ func (v *Volume) rollbackUndo() error {
 	v.log.Warn().Int64("bytes", n).Str("disk", u.hdr.disk.String()).
 		Msg("rolled back the interrupted resync: the volume is its last consistent image")
 	return v.discardUndo()
+}
+
+// undoLimit is the undo log's cap in bytes (0 or less: none).
+func (v *Volume) undoLimit() int64 {
+	if v.link == nil {
+		return 0
+	}
+	return v.link.cfg.UndoMaxSize
+}
+
+// undoRoom is ErrUndoFull when the open undo log cannot take one more
+// region: a catch-up would stop at its first one.
+func (v *Volume) undoRoom() error {
+	u, limit := v.undo.Load(), v.undoLimit()
+	if u == nil || limit <= 0 {
+		return nil
+	}
+	u.mu.Lock()
+	b, full := u.bytes, u.full
+	u.mu.Unlock()
+	if full || b+v.dirty.RegionSize() > limit {
+		return fmt.Errorf("%w: it holds %d bytes, the cap is %d", ErrUndoFull, b, limit)
+	}
+	return nil
 }
 
 func (v *Volume) undoBytes() int64 {

@@ -87,7 +87,16 @@ wait_for() { # seconds description command...
 }
 in_sync() { status a | grep -q '"replication": "Established"' && status b | grep -q '"disk": "UpToDate"'; }
 serving() { status "$1" | grep -q '"role": "Primary"' && ! status "$1" | grep -q '"fence": '; }
-hears_primary() { status "$1" | tr -d ' \n' | grep -q '"peer":{"node":"[a-z]*","state":"alive","role":"Primary","disk":"UpToDate","epoch":[0-9]*,"in_sync":true'; }
+epoch_of() { status "$1" | tr -d ' \n' | grep -o '"failover":{"mode":"[a-z]*","maintenance":[a-z]*,"role":"[A-Za-z]*","epoch":[0-9]*' | grep -o '[0-9]*$'; }
+# hears_primary target primary: the target hears the primary as an in-sync
+# Primary and holds its epoch (a target behind the witness's epoch by more
+# than one refuses to take over).
+hears_primary() {
+	local e
+	e=$(epoch_of "$2")
+	[ -n "$e" ] && [ "$(epoch_of "$1")" = "$e" ] &&
+		status "$1" | tr -d ' \n' | grep -q "\"peer\":{\"node\":\"[a-z]*\",\"state\":\"alive\",\"role\":\"Primary\",\"disk\":\"UpToDate\",\"epoch\":$e,\"in_sync\":true"
+}
 client_write() { ip netns exec "${p}c" timeout 2 qemu-io -f raw -c "write -P 0x5a 0 4k" "nbd://$floating:10809/vol0" >/dev/null 2>&1; }
 
 config a b
@@ -107,7 +116,7 @@ while [ $run -lt "$runs" ]; do
 	wait_for 30 "a and b in sync" in_sync
 	"$mirrord" promote --control "$work/a/ctl.sock" >/dev/null
 	wait_for 30 "a serving" serving a
-	wait_for 30 "b hearing a as in-sync Primary" hears_primary b
+	wait_for 30 "b hearing a as in-sync Primary at its epoch" hears_primary b a
 	wait_for 30 "a client write at the floating IP" client_write
 
 	kill -9 "$pid_a"

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -40,6 +41,11 @@ type lab struct {
 	wit     *exec.Cmd
 	witDone chan struct{}
 	wlog    *writableLog // the two-Primaries checker, while it runs
+	// resources, if set, replaces the floating IP as the body of each
+	// node's failover.resources list (%[1]s is the node's directory).
+	resources string
+	// peerTimeout is the nodes' peer.timeout ("3s" if empty).
+	peerTimeout string
 }
 
 type labNode struct {
@@ -130,7 +136,7 @@ func (l *lab) config(name, peer string, extra string) *labNode {
 	cfg := fmt.Sprintf(`node: {name: %[1]s}
 volume: {name: vol0, path: %[2]s/vol.img, size: 64MiB}
 nbd: {listen: ["tcp:0.0.0.0:%[3]s"]}
-peer: {node: %[4]s, address: "%[5]s:7789", listen: "0.0.0.0:7789", secret-file: %[6]s/secret, timeout: 3s, ping-interval: 200ms, connect-retry: 200ms}
+peer: {node: %[4]s, address: "%[5]s:7789", listen: "0.0.0.0:7789", secret-file: %[6]s/secret, timeout: %[12]s, ping-interval: 200ms, connect-retry: 200ms}
 control: {socket: %[7]s}
 log: {level: info, format: json}
 failover:
@@ -139,13 +145,23 @@ failover:
   witness-secret-file: %[6]s/witness.secret
   udp: ["%[9]s:7790->%[5]s:7790"]
   resources:
-    - {type: ip, address: %[10]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
-%[11]s`, name, dir, labNBDPort, peer, labIP[peer], l.dir, n.ctl, labIP["w"], labIP[name], labFloating, extra)
+%[10]s
+%[11]s`, name, dir, labNBDPort, peer, labIP[peer], l.dir, n.ctl, labIP["w"], labIP[name], l.resourceList(dir), extra, cmp.Or(l.peerTimeout, "3s"))
 	if err := os.WriteFile(n.cfg, []byte(cfg), 0o644); err != nil {
 		l.t.Fatal(err)
 	}
 	l.nodes[name] = n
 	return n
+}
+
+// labIPResource is the floating IP, the lab's default resource list.
+const labIPResource = "    - {type: ip, address: " + labFloating + "/24, interface: eth0, arp-count: 3, arp-interval: 100ms}"
+
+func (l *lab) resourceList(dir string) string {
+	if l.resources == "" {
+		return labIPResource
+	}
+	return fmt.Sprintf(l.resources, dir)
 }
 
 func (l *lab) start(n *labNode) {
@@ -489,8 +505,14 @@ func (l *lab) checker(a, b *labNode) (stop func() int) {
 // up starts witness, a (Primary, floating IP) and b, connected and in sync.
 func (l *lab) up(extra string) (a, b *labNode) {
 	l.t.Helper()
+	return l.upPair(extra, extra)
+}
+
+// upPair is up with a different failover section tail for a and b.
+func (l *lab) upPair(extraA, extraB string) (a, b *labNode) {
+	l.t.Helper()
 	l.startWitness()
-	a, b = l.config("a", "b", extra), l.config("b", "a", extra)
+	a, b = l.config("a", "b", extraA), l.config("b", "a", extraB)
 	l.start(b)
 	l.start(a)
 	waitFor(l.t, 30*time.Second, "a and b connected and UpToDate", func() bool {
@@ -509,12 +531,16 @@ func (l *lab) up(extra string) (a, b *labNode) {
 }
 
 // heardPrimary waits until target's agent has heard primary as an in-sync
-// Primary: only then may it take over.
+// Primary and adopted its epoch: only then may it take over (a target
+// behind the witness's epoch by more than one refuses).
 func (l *lab) heardPrimary(target, primary *labNode) {
 	l.t.Helper()
-	waitFor(l.t, 30*time.Second, target.name+" hears "+primary.name+" as in-sync Primary", func() bool {
+	waitFor(l.t, 30*time.Second, target.name+" hears "+primary.name+" as in-sync Primary at its epoch", func() bool {
 		st, err := target.status()
-		return err == nil && st.Failover != nil && st.Failover.Peer.Role == "Primary" && st.Failover.Peer.InSync
+		ps, perr := primary.status()
+		return err == nil && perr == nil && st.Failover != nil && ps.Failover != nil &&
+			st.Failover.Peer.Role == "Primary" && st.Failover.Peer.InSync &&
+			st.Failover.Peer.Epoch == ps.Failover.Epoch && st.Failover.Epoch == ps.Failover.Epoch
 	})
 }
 

@@ -128,6 +128,7 @@ type mirrorStatus struct {
 	OutOfSyncBytes int64             `json:"out_of_sync_bytes"`
 	Generations    string            `json:"generations"`
 	UndoBytes      int64             `json:"undo_bytes"`
+	UndoLimitBytes int64             `json:"undo_limit_bytes"`
 	Peer           *mirrorPeerStatus `json:"peer"`
 	raw            string
 }

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/wanproxy"
 )
 
 // The async journal and the catch-up undo log, end to end: a stalled link
@@ -42,17 +44,26 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 	requireRoot(t)
 	requireTools(t, "nbdfuse", "fusermount3", "losetup", "mount", "umount", "mkfs.ext4", "e2fsck")
 	const size = 128 << 20
-	// Kill when the target has received this fraction of the catch-up.
-	for _, frac := range []float64{0.02, 0.5, 0.9} {
-		t.Run(fmt.Sprintf("at %.0f%%", 100*frac), func(t *testing.T) {
+	// Kill when the target has received this fraction of the catch-up, on
+	// loopback and across the reference WAN (50 ms RTT, 100 Mbit/s).
+	for _, tc := range []struct {
+		link string
+		wan  *wanproxy.Config
+		frac float64
+	}{{"loopback", nil, 0.02}, {"loopback", nil, 0.5}, {"loopback", nil, 0.9}, {"wan", &wanproxy.Config{Up: wan100, Down: wan100, Seed: 6}, 0.5}} {
+		frac := tc.frac
+		t.Run(fmt.Sprintf("%s at %.0f%%", tc.link, 100*frac), func(t *testing.T) {
 			// A stall outlasts the 2 s test timeout; the window and the
 			// journal are small so that the writes below overflow both.
 			set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=4MiB"}
-			pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
+			pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB", wan: tc.wan,
 				alphaSet: append(set, "peer.resync-max-rate=4MiB"), betaSet: set})
 
 			s := attachExport(t, pr.alpha.p, size, false)
-			runCmd(t, cmdTimeout, "mkfs.ext4", "-q", "-F", s.loop)
+			// No discard: a whole-device trim is one 128 MiB zero request,
+			// which over the WAN sends the Primary Ahead before the test
+			// has begun (it reserves its length in the window).
+			runCmd(t, cmdTimeout, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", s.loop)
 			s.mount("rw")
 			before := writeTree(t, s.mnt, "before", 16, 256<<10)
 			syscall.Sync()
@@ -61,7 +72,7 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				return st.Peer != nil && st.Peer.LagBytes == 0 && st.Peer.Replication == "Established"
 			})
 
-			pr.proxy.stall(true)
+			pr.stall(true)
 			s.mount("rw")
 			writeTree(t, s.mnt, "during", 24, 2<<20) // ~48 MiB: window + journal overflow
 			syscall.Sync()
@@ -80,7 +91,7 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				aSt.Peer.LagBytes, aSt.Peer.LagSeconds, aSt.Peer.JournalBytes, aSt.Peer.JournalCapacity)
 
 			base := pr.beta.status().Peer.ResyncBytes
-			pr.proxy.stall(false)
+			pr.stall(false)
 			// The source knows the catch-up's size; the target counts what
 			// arrived.
 			aSt = pr.alpha.waitStatus("catch-up", resyncTimeout, func(st mirrorStatus) bool {
@@ -91,6 +102,11 @@ func TestAsyncCatchUpKillPrimaryPromotesConsistentExt4(t *testing.T) {
 				return st.UndoBytes > 0 && float64(st.Peer.ResyncBytes-base) >= frac*float64(total)
 			})
 			pr.alpha.p.kill()
+			// The source's total in status grows with writes during the
+			// catch-up; the target has the one announced at its start.
+			if bSt.Peer.Replication != "Behind" || bSt.Peer.Resync == nil || bSt.Peer.Resync.TotalBytes == 0 || bSt.Peer.Resync.TotalBytes > total {
+				t.Fatalf("beta in the catch-up: want Behind with the source's total (%d): %s", total, bSt.raw)
+			}
 			if bSt.Disk == "UpToDate" || bSt.Peer.ResyncBytes-base >= total {
 				t.Fatalf("catch-up finished before the kill; slow it down: %s", bSt.brief())
 			}
@@ -158,8 +174,10 @@ func TestAsyncLagBound(t *testing.T) {
 				}
 				done <- nil
 			}()
+			// On a loaded machine `mirrord events` may subscribe after the
+			// crossing: its first line ("exists") then carries it.
 			over := ev.waitEvent(t, "lag over the bound", stateTimeout, func(e mirrorEvent) bool {
-				return e.Type == "lag" && e.Status.Peer != nil && e.Status.Peer.LagOverBound
+				return (e.Type == "lag" || e.Type == "exists") && e.Status.Peer != nil && e.Status.Peer.LagOverBound
 			})
 			if over.Status.Peer.LagBytes <= bound {
 				t.Fatalf("lag event over the bound with lag %d bytes", over.Status.Peer.LagBytes)
@@ -202,4 +220,67 @@ func TestAsyncLagBound(t *testing.T) {
 			pr.stopAndCompare(t)
 		})
 	}
+}
+
+// TestAsyncCatchUpBehindUndoCap: during a catch-up after Ahead the target
+// says Behind, with progress against the total the source announced; with
+// peer.undo-max-size smaller than the catch-up, the target stops at the
+// cap (nothing past it written), says so in status, events and the log,
+// and refuses the source until then; promoted, it rolls back to the image
+// it held when the catch-up began: a write-order prefix of the history.
+func TestAsyncCatchUpBehindUndoCap(t *testing.T) {
+	const undoCap = 8 << 20
+	set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=4MiB"}
+	pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
+		alphaSet: append(set, "peer.resync-max-rate=4MiB"), betaSet: append(set, fmt.Sprintf("peer.undo-max-size=%d", undoCap))})
+	ev := pr.beta.watchEvents()
+	pr.stall(true)
+	// 48 MiB, each block once in a random order: past the window and
+	// the journal.
+	w := startSeqWriter(t, pr.alpha, mirrorSeed(t), 48<<20, 16, 0)
+	w.wait(t)
+	pr.alpha.waitStatus("Ahead", stateTimeout, func(st mirrorStatus) bool { return st.Peer.Replication == "Ahead" })
+	pr.stall(false)
+
+	bSt := pr.beta.waitStatus("Behind with the announced total", resyncTimeout, func(st mirrorStatus) bool {
+		return st.Peer != nil && st.Peer.Replication == "Behind" && st.Peer.Resync != nil && st.Peer.Resync.TotalBytes > undoCap
+	})
+	t.Logf("beta Behind: %d of %d bytes, undo %d", bSt.Peer.Resync.DoneBytes, bSt.Peer.Resync.TotalBytes, bSt.UndoBytes)
+	if bSt.Disk != "Inconsistent" {
+		t.Fatalf("beta Behind with disk %s", bSt.Disk)
+	}
+	if out := pr.beta.mustCLI("status"); !strings.Contains(out, "Behind") || !strings.Contains(out, "done:") {
+		t.Fatalf("human status of a Behind target lacks its state or progress:\n%s", out)
+	}
+
+	ev.waitEvent(t, "the undo log full", resyncTimeout, func(e mirrorEvent) bool { return e.Type == "undo" })
+	waitFor(t, stateTimeout, "beta to refuse the source while its undo log is full", func() bool {
+		return pr.beta.logCount("peer connection refused", "undo log full") > 0
+	})
+	bSt = pr.beta.status()
+	if bSt.Disk != "Inconsistent" || bSt.UndoBytes == 0 || bSt.UndoBytes > undoCap || bSt.UndoLimitBytes != undoCap {
+		t.Fatalf("beta paused at the cap: %s undo %d limit %d", bSt.brief(), bSt.UndoBytes, bSt.UndoLimitBytes)
+	}
+	if out := pr.beta.mustCLI("status"); !strings.Contains(out, "undo:") || !strings.Contains(out, "cap ") {
+		t.Fatalf("human status lacks the undo log and its cap:\n%s", out)
+	}
+	pr.alpha.waitStatus("the pause in alpha's status", stateTimeout, func(st mirrorStatus) bool {
+		return st.disconnected() && strings.Contains(st.Peer.Reason, "undo log full")
+	})
+	t.Logf("paused: beta's undo log holds %d of %d bytes; alpha: %q", bSt.UndoBytes, undoCap, pr.alpha.status().Peer.Reason)
+
+	pr.alpha.p.kill()
+	pr.beta.promote()
+	if st := pr.beta.status(); st.Disk != "UpToDate" || st.UndoBytes != 0 {
+		t.Fatalf("beta after promote: %s undo %d", st.brief(), st.UndoBytes)
+	}
+	data, err := os.ReadFile(pr.beta.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := w.requirePrefix(t, "beta rolled back", data[:pr.size])
+	if held == 0 || held == w.h.seq.Load() {
+		t.Fatalf("beta rolled back to %d of %d versions: want the prefix the window and journal delivered", held, w.h.seq.Load())
+	}
+	t.Logf("beta rolled back to versions 1..%d of %d", held, w.h.seq.Load())
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -168,6 +169,42 @@ func TestREADMEKernelDevice(t *testing.T) {
 			if !found {
 				t.Errorf("README command %q is not run by testdata/vm/restart.sh", cmd)
 			}
+		}
+	}
+}
+
+// TestREADMEFailoverExample: the failover section's configuration example
+// is accepted as it stands (with the node, volume and peer around it).
+func TestREADMEFailoverExample(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(readme), "```yaml\nfailover:\n")
+	if !ok {
+		t.Fatal("no failover YAML example in the README")
+	}
+	example, _, _ := strings.Cut(rest, "```")
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "secret")
+	if err := os.WriteFile(secret, []byte("readme-example-secret-0123456789\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The example's secret file lives in /etc; point it at a test file.
+	example = strings.ReplaceAll(example, "/etc/mirrord/witness.secret", secret)
+	cfg := filepath.Join(dir, "mirrord.yaml")
+	body := fmt.Sprintf("node: {name: a}\nvolume: {name: vol0, path: %s/vol.img}\npeer: {node: b, address: \"10.1.0.2:7789\", secret-file: %s}\nfailover:\n%s",
+		dir, secret, example)
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(mirrordBin, "config", "-c", cfg).CombinedOutput()
+	if err != nil {
+		t.Fatalf("mirrord config on the README's failover example: %v\n%s\n%s", err, out, body)
+	}
+	for _, want := range []string{`"ConfirmDefault": "proceed"`, `"Mode": "auto"`, `"Path": "/etc/mirrord/app.sh"`} {
+		if !strings.Contains(string(out), want) {
+			t.Fatalf("effective configuration lacks %s:\n%s", want, out)
 		}
 	}
 }

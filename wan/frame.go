@@ -76,6 +76,11 @@ const (
 	FrameState      FrameType = 14 // payload = StateUpdate (binary)
 	FrameClose      FrameType = 15 // payload = UTF-8 reason; the sender closes after it
 	FrameResyncDone FrameType = 16 // Seq; payload = Generations (binary) the target adopts
+	// FrameCatchUp announces a catch-up resync inside an established
+	// session (the source was Ahead): payload = u64 bytes it will send, so
+	// that the target (Behind) can show progress and an ETA. Sent only to
+	// a peer whose Hello has HelloCatchUp.
+	FrameCatchUp FrameType = 17
 	// FrameBeacon carries the failover agent's heartbeat (an opaque,
 	// self-authenticated message of package failover/agent) over the
 	// replication link, one of the agent's heartbeat paths. Numbers 17-23 are
@@ -173,6 +178,7 @@ var rules = [...]rule{
 	FrameState:      {name: "State", max: MaxControl, fixed: stateUpdateSize},
 	FrameClose:      {name: "Close", max: MaxControl, fixed: -1},
 	FrameResyncDone: {name: "ResyncDone", max: MaxControl, fixed: generationsSize},
+	FrameCatchUp:    {name: "CatchUp", max: MaxControl, fixed: 8},
 	FrameBeacon:     {name: "Beacon", max: MaxBeacon, fixed: -1},
 }
 

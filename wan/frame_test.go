@@ -51,7 +51,7 @@ func TestFrameTypeString(t *testing.T) {
 		want string
 	}{
 		{FrameHello, "Hello"}, {FrameResyncData, "ResyncData"}, {FrameResyncDone, "ResyncDone"},
-		{0, "FrameType(0)"}, {17, "FrameType(17)"},
+		{FrameCatchUp, "CatchUp"}, {0, "FrameType(0)"}, {18, "FrameType(18)"},
 	} {
 		if got := tc.t.String(); got != tc.want {
 			t.Errorf("FrameType(%d).String() = %q, want %q", tc.t, got, tc.want)

@@ -63,7 +63,9 @@ func FuzzReadFrame(f *testing.F) {
 func FuzzHello(f *testing.F) {
 	long := sampleHello()
 	long.Node, long.Volume = strings.Repeat("n", 255), strings.Repeat("é", 127)
-	for _, h := range []Hello{sampleHello(), {Version: ProtocolVersion}, long} {
+	catchUp := sampleHello()
+	catchUp.Flags |= HelloCatchUp
+	for _, h := range []Hello{sampleHello(), {Version: ProtocolVersion}, long, catchUp} {
 		f.Add(mustMarshal(f, h))
 	}
 	f.Add([]byte{0, 2, 1, 2, 3})

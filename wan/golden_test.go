@@ -48,6 +48,19 @@ func TestGoldenHeader(t *testing.T) {
 	}
 }
 
+// TestGoldenCatchUp: the whole FrameCatchUp, header and payload.
+func TestGoldenCatchUp(t *testing.T) {
+	want := readHex(t, "catchup.hex")
+	f := Frame{Header{Type: FrameCatchUp, Length: 8}, PutU64(0x0000000003000000)}
+	if got := encode(t, f); !bytes.Equal(got, want) {
+		t.Fatalf("CatchUp frame encodes as\n%x\nwant\n%x", got, want)
+	}
+	back, err := NewReader(bytes.NewReader(want)).ReadFrame()
+	if err != nil || back.Header != f.Header || !bytes.Equal(back.Payload, f.Payload) {
+		t.Fatalf("decode: %+v, %v", back, err)
+	}
+}
+
 func TestGoldenGenerations(t *testing.T) {
 	want := readHex(t, "generations.hex")
 	g := sampleHello().Gen

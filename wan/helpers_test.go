@@ -71,6 +71,7 @@ func validFrames(t testing.TB) []Frame {
 		{Header{Type: FrameState}, mustMarshal(t, su)},
 		{Header{Type: FrameClose}, []byte("shutting down — bye")},
 		{Header{Type: FrameResyncDone, Seq: 14}, mustMarshal(t, gen)},
+		{Header{Type: FrameCatchUp}, PutU64(48 << 20)},
 	}
 }
 

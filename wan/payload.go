@@ -143,7 +143,7 @@ func (s *StateUpdate) UnmarshalBinary(p []byte) error {
 //
 //	offset  size  field
 //	0       2     version (1)
-//	2       2     flags (bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd; others 0)
+//	2       2     flags (bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd, bit 3 HelloCatchUp; others 0)
 //	4       1     role (0..2)
 //	5       1     disk
 //	6       1     mode (0..1)
@@ -170,7 +170,7 @@ type Hello struct {
 	Role       uint8  // 0 Unknown, 1 Primary, 2 Secondary
 	Disk       uint8  // disk state code (the engine defines the numbering)
 	Mode       uint8  // 0 sync, 1 async
-	Flags      uint16 // bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd; others reserved (0)
+	Flags      uint16 // bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd, bit 3 HelloCatchUp; others reserved (0)
 	Gen        Generations
 	Nonce      [32]byte // fresh random challenge
 }
@@ -191,7 +191,7 @@ func (h *Hello) check() error {
 		return fmt.Errorf("%w: hello role %d", ErrMalformed, h.Role)
 	case h.Mode > ModeAsync:
 		return fmt.Errorf("%w: hello mode %d", ErrMalformed, h.Mode)
-	case h.Flags&^(HelloNeverWritten|HelloDiscardMine|HelloZstd) != 0:
+	case h.Flags&^(HelloNeverWritten|HelloDiscardMine|HelloZstd|HelloCatchUp) != 0:
 		return fmt.Errorf("%w: hello flags %#04x", ErrMalformed, h.Flags)
 	}
 	return nil

@@ -129,7 +129,7 @@ func TestHelloMarshalRejects(t *testing.T) {
 		{"volume not utf-8", func(h *Hello) { h.Volume = "a\xc0" }, ErrMalformed},
 		{"role 3", func(h *Hello) { h.Role = 3 }, ErrMalformed},
 		{"mode 2", func(h *Hello) { h.Mode = 2 }, ErrMalformed},
-		{"reserved flag", func(h *Hello) { h.Flags = 8 }, ErrMalformed},
+		{"reserved flag", func(h *Hello) { h.Flags = 16 }, ErrMalformed},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -72,7 +72,11 @@ func humanStatus(st statusReply) string {
 	}
 	fmt.Fprintf(&b, " size:%s\n", humanBytes(st.SizeBytes))
 	if st.UndoBytes > 0 {
-		fmt.Fprintf(&b, "  undo:%s (last consistent image recoverable: promote rolls back)\n", humanBytes(st.UndoBytes))
+		limit := "no cap"
+		if st.UndoLimitBytes > 0 {
+			limit = "cap " + humanBytes(st.UndoLimitBytes)
+		}
+		fmt.Fprintf(&b, "  undo:%s of %s (last consistent image recoverable: promote rolls back)\n", humanBytes(st.UndoBytes), limit)
 	}
 	if p := st.Peer; p != nil {
 		fmt.Fprintf(&b, "  %s role:%s\n", p.Node, p.PeerRole)

@@ -78,6 +78,9 @@ type PeerConfig struct {
 	// application writes flow. Both change at runtime with `mirrord set`.
 	RateLimit   Rate    `mapstructure:"rate-limit"`
 	ResyncShare Percent `mapstructure:"resync-share"`
+	// UndoMaxSize caps the target's undo log (0: no cap); past it the
+	// catch-up pauses rather than overwrite what it cannot roll back.
+	UndoMaxSize ByteSize `mapstructure:"undo-max-size"`
 }
 
 // JournalConfig is the async journal: Path defaults to the metadata file
@@ -201,6 +204,7 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("peer.tls.key", "")
 	v.SetDefault("peer.compression", "auto")
 	v.SetDefault("peer.rate-limit", "0")
+	v.SetDefault("peer.undo-max-size", fmt.Sprint(mirror.DefaultUndoMaxSize))
 	v.SetDefault("peer.resync-share", fmt.Sprintf("%d%%", mirror.DefaultResyncShare))
 	v.SetDefault("control.socket", DefaultControl)
 	v.SetDefault("log.level", "info")
@@ -425,6 +429,9 @@ func (c *Config) validatePeer(bad func(key, format string, a ...any)) {
 	if p.Journal.Size != 0 && p.Journal.Size < mirror.MinJournalSize {
 		bad("peer.journal.size", "must be 0 (no journal) or at least %d (got %d)", mirror.MinJournalSize, p.Journal.Size)
 	}
+	if p.UndoMaxSize < 0 {
+		bad("peer.undo-max-size", "must not be negative (0: no cap)")
+	}
 	if p.MaxLag.Bytes < 0 {
 		bad("peer.max-lag.bytes", "must not be negative")
 	}
@@ -497,6 +504,10 @@ func (c *Config) mirrorPeer() (*mirror.PeerConfig, error) {
 	pc.LagPolicy, _ = mirror.ParseLagPolicy(p.LagPolicy) // validated
 	pc.Compress = p.zstdOn()
 	pc.RateLimit, pc.ResyncShare = int64(p.RateLimit), int(p.ResyncShare)
+	pc.UndoMaxSize = int64(p.UndoMaxSize)
+	if p.UndoMaxSize == 0 {
+		pc.UndoMaxSize = -1 // mirror reads 0 as the default cap
+	}
 	if p.tlsOn() {
 		tc, err := wan.LoadTLS(wan.TLSFiles{CA: p.TLS.CA, Cert: p.TLS.Cert, Key: p.TLS.Key}, p.Node)
 		if err != nil {

@@ -584,6 +584,13 @@ func (a *Agent) step(ev failover.Event) []failover.Decision {
 				err = errors.New("no heartbeat path could send the handover")
 			}
 			a.result(act.ID, err)
+		case failover.DropReplication:
+			// Beside the loop: it waits for the session's teardown.
+			a.wg.Add(1)
+			go func() {
+				defer a.wg.Done()
+				a.vol.DropSession(act.Reason)
+			}()
 		case failover.AnnounceIntent:
 			a.log.Warn().Str("want", act.Want).Time("deadline", act.Deadline).Str("reason", act.Reason).
 				Msg("failover intent announced: answer with 'mirrord confirm' or 'mirrord deny'")

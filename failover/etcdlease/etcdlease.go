@@ -231,7 +231,7 @@ func (v *Voter) tryVote(ctx context.Context, req failover.VoteRequest) (failover
 	}
 	next := s.st
 	next.Epoch = max(s.st.Epoch, req.Epoch)
-	if s.st.Last != "" && s.st.Last != req.Node {
+	if s.st.Last != req.Node { // another node, or nobody on record
 		next.Epoch++
 	}
 	next.Last = req.Node

@@ -34,6 +34,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) *Backend) {
 		f    func(t *testing.T, b *Backend)
 	}{
 		{"GrantFirstAsker", testGrantFirstAsker},
+		{"FirstGrantOnEmptyLedgerIsOne", testFirstGrantIsOne},
 		{"DenyOtherNamingHolder", testDenyOther},
 		{"RenewKeepsEpochAndLease", testRenew},
 		{"EpochRaisedToRequest", testEpochRaised},
@@ -131,20 +132,32 @@ func expire(t *testing.T, b *Backend, since time.Time, r failover.VoteRequest) f
 	}
 }
 
+// An empty ledger has no last holder on record: it cannot vouch that
+// nobody held the vote since the asker's epoch, so the first grant bumps.
 func testGrantFirstAsker(t *testing.T, b *Backend) {
-	want(t, "first asker", vote(t, b.Voter, req("a", "b", 3)), granted("a", 3))
+	want(t, "first asker", vote(t, b.Voter, req("a", "b", 3)), granted("a", 4))
+	want(t, "first asker renews", vote(t, b.Voter, req("a", "b", 3)), granted("a", 4))
+}
+
+// Epoch 0 is never a token: a fresh node on a fresh witness gets 1, and
+// keeps it across a restart of the witness (it is the last holder on
+// record now, so the bump is not repeated).
+func testFirstGrantIsOne(t *testing.T, b *Backend) {
+	want(t, "fresh node, empty ledger", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
+	b.Voter = b.Restart(t)
+	want(t, "a renews after a restart", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
 }
 
 func testDenyOther(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
-	want(t, "b while a holds", vote(t, b.Voter, req("b", "a", 1)), denied("a", 1))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 2))
+	want(t, "b while a holds", vote(t, b.Voter, req("b", "a", 1)), denied("a", 2))
 	// A higher epoch from the denied node changes nothing.
-	want(t, "b with a higher epoch", vote(t, b.Voter, req("b", "a", 9)), denied("a", 1))
-	want(t, "a renews", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	want(t, "b with a higher epoch", vote(t, b.Voter, req("b", "a", 9)), denied("a", 2))
+	want(t, "a renews", vote(t, b.Voter, req("a", "b", 2)), granted("a", 2))
 }
 
 func testRenew(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 2)), granted("a", 2))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 2))
 	want(t, "a again", vote(t, b.Voter, req("a", "b", 2)), granted("a", 2))
 	// Renewals keep the vote past the first lease's end.
 	step := b.TTL / 3
@@ -164,14 +177,14 @@ func testRenew(t *testing.T, b *Backend) {
 }
 
 func testEpochRaised(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
 	want(t, "a at 7", vote(t, b.Voter, req("a", "b", 7)), granted("a", 7))
 	want(t, "a at 2: the counter never goes down", vote(t, b.Voter, req("a", "b", 2)), granted("a", 7))
 }
 
 func testExpiry(t *testing.T, b *Backend) {
 	since := time.Now()
-	want(t, "a", vote(t, b.Voter, req("a", "b", 4)), granted("a", 4))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 3)), granted("a", 4))
 	want(t, "b after a's lease ran out", expire(t, b, since, req("b", "a", 4)), granted("b", 5))
 	want(t, "a while b holds", vote(t, b.Voter, req("a", "b", 4)), denied("b", 5))
 	// b renews: still its vote, same epoch.
@@ -182,7 +195,7 @@ func testExpiry(t *testing.T, b *Backend) {
 }
 
 func testOutdated(t *testing.T, b *Backend) {
-	r := req("a", "b", 1)
+	r := req("a", "b", 0)
 	r.PeerOutdated = true
 	got := vote(t, b.Voter, r)
 	want(t, "a claims b outdated", got, failover.WitnessVote{Granted: true, Holder: "a", Epoch: 1, PeerOutdated: true})
@@ -204,7 +217,7 @@ func testOutdated(t *testing.T, b *Backend) {
 }
 
 func testDeniedClaim(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
 	r := req("b", "a", 1)
 	r.PeerOutdated = true
 	want(t, "b (denied) claims a outdated", vote(t, b.Voter, r), denied("a", 1))
@@ -212,7 +225,7 @@ func testDeniedClaim(t *testing.T, b *Backend) {
 }
 
 func testRelease(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 6)), granted("a", 6))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 5)), granted("a", 6))
 	if err := b.Voter.Release(ctx(t), vol, "a", "b"); err != nil {
 		t.Fatalf("Release a->b: %v", err)
 	}
@@ -227,7 +240,7 @@ func testRelease(t *testing.T, b *Backend) {
 }
 
 func testReleaseNonHolder(t *testing.T, b *Backend) {
-	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
 	err := b.Voter.Release(ctx(t), vol, "b", "a")
 	if !errors.Is(err, failover.ErrNotHolder) {
 		t.Fatalf("Release by b while a holds: %v, want ErrNotHolder", err)
@@ -240,8 +253,8 @@ func testReleaseNonHolder(t *testing.T, b *Backend) {
 }
 
 func testVolumes(t *testing.T, b *Backend) {
-	want(t, "a on vol0", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
-	r := req("b", "a", 5)
+	want(t, "a on vol0", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
+	r := req("b", "a", 4)
 	r.Volume = "vol1"
 	want(t, "b on vol1", vote(t, b.Voter, r), granted("b", 5))
 	want(t, "b on vol0", vote(t, b.Voter, req("b", "a", 1)), denied("a", 1))
@@ -285,7 +298,7 @@ func testConcurrent(t *testing.T, b *Backend) {
 }
 
 func testRestart(t *testing.T, b *Backend) {
-	r := req("a", "b", 4)
+	r := req("a", "b", 3)
 	r.PeerOutdated = true
 	want(t, "a claims b outdated", vote(t, b.Voter, r), failover.WitnessVote{Granted: true, Holder: "a", Epoch: 4, PeerOutdated: true})
 	since := time.Now()
@@ -310,7 +323,7 @@ func testBadRequests(t *testing.T, b *Backend) {
 			t.Errorf("Vote(%+v) = %+v, want an error", r, v)
 		}
 	}
-	want(t, "a", vote(t, b.Voter, req("a", "b", 1)), granted("a", 1))
+	want(t, "a", vote(t, b.Voter, req("a", "b", 0)), granted("a", 1))
 	if err := b.Voter.Release(ctx(t), vol, "a", "a"); err == nil {
 		t.Error("Release to the holder itself succeeded")
 	}

@@ -115,7 +115,7 @@ func (l *ledger) vote(now time.Time, r *Request, ttl time.Duration) (answer, err
 	before := *v
 	before.outdated = map[string]bool{r.Peer: v.outdated[r.Peer]}
 	epoch := max(v.epoch, r.Epoch)
-	if v.last != "" && v.last != r.Node {
+	if v.last != r.Node { // another node, or nobody on record
 		epoch++
 	}
 	changed := epoch != v.epoch || v.last != r.Node || v.ttl != ttl || v.outdated[r.Peer] != r.PeerOutdated

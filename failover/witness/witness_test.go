@@ -141,20 +141,20 @@ func TestReplay(t *testing.T) {
 	clock := &fakeClock{t: time.Unix(1000, 0)}
 	srv := newTestServer(t, clock.Now)
 	grant := &Request{Op: OpVote, Time: time.Now(), Nonce: [16]byte{1}, Volume: "v", Node: "a", Peer: "b", TTL: time.Second}
-	if r := decodeReply(t, srv.Handle(request(t, grant, testSecret))); !r.Granted || r.Epoch != 0 {
+	if r := decodeReply(t, srv.Handle(request(t, grant, testSecret))); !r.Granted || r.Epoch != 1 { // the first grant on an empty ledger
 		t.Fatalf("grant: %+v", r)
 	}
 	rel := &Request{Op: OpRelease, Time: time.Now(), Nonce: [16]byte{2}, Volume: "v", Node: "a", Peer: "b", TTL: time.Second}
 	first := srv.Handle(request(t, rel, testSecret))
-	if r := decodeReply(t, first); r.Status != StatusOK || r.Epoch != 1 {
+	if r := decodeReply(t, first); r.Status != StatusOK || r.Epoch != 2 {
 		t.Fatalf("release: %+v", r)
 	}
 	again := srv.Handle(request(t, rel, testSecret))
 	if string(again) != string(first) {
 		t.Fatal("a repeated nonce got a different reply")
 	}
-	if e := srv.ledger.vols["v"].epoch; e != 1 {
-		t.Fatalf("epoch %d after a replayed release, want 1", e)
+	if e := srv.ledger.vols["v"].epoch; e != 2 {
+		t.Fatalf("epoch %d after a replayed release, want 2", e)
 	}
 	old := &Request{Op: OpVote, Time: time.Now().Add(-DefaultMaxSkew - time.Second), Nonce: [16]byte{3}, Volume: "v", Node: "a", Peer: "b"}
 	if r := decodeReply(t, srv.Handle(request(t, old, testSecret))); r.Status != StatusClockSkew || r.Granted {
