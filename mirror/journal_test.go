@@ -137,6 +137,18 @@ func TestUndoRecordRoundTrip(t *testing.T) {
 	if _, _, err := decodeUrec(b, 8192); !errors.Is(err, ErrUndoCorrupt) {
 		t.Fatalf("record past the volume end: %v", err)
 	}
+	// A hole record: the header alone stands for n zero bytes.
+	h := urec{seq: 4, off: 1 << 16, n: 1 << 20, hole: true}
+	hb := make([]byte, urecHeaderSize)
+	h.putHeader(hb, nil)
+	got, d, err = decodeUrec(hb, 4<<20)
+	if err != nil || !got.hole || got.n != 1<<20 || got.dataLen() != 0 || len(d) != 0 {
+		t.Fatalf("hole record: %+v %d bytes %v", got, len(d), err)
+	}
+	hb[4] |= 2 // an unknown flag
+	if _, _, err := decodeUrec(hb, 4<<20); !errors.Is(err, ErrUndoCorrupt) {
+		t.Fatalf("unknown record flag: %v", err)
+	}
 }
 
 func FuzzJournalRecord(f *testing.F) {
@@ -192,6 +204,9 @@ func FuzzJournalHeader(f *testing.F) {
 
 func FuzzUndoRecord(f *testing.F) {
 	f.Add(encodeUrec(1, 4096, []byte("pre-image")))
+	hole := make([]byte, urecHeaderSize)
+	(&urec{seq: 2, off: 0, n: 1 << 20, hole: true}).putHeader(hole, nil)
+	f.Add(hole)
 	h := undoHeader{gen: Generations{Current: 10, History: [2]uint64{4, 2}}, disk: DiskUpToDate}
 	f.Add(h.encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -209,7 +224,12 @@ func FuzzUndoRecord(f *testing.F) {
 			}
 			return
 		}
-		if enc := encodeUrec(r.seq, r.off, data); !bytes.Equal(enc, b[:len(enc)]) {
+		enc := encodeUrec(r.seq, r.off, data)
+		if r.hole {
+			enc = make([]byte, urecHeaderSize)
+			r.putHeader(enc, nil)
+		}
+		if !bytes.Equal(enc, b[:len(enc)]) {
 			t.Fatal("undo record re-encoding differs")
 		}
 	})

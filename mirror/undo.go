@@ -42,6 +42,11 @@ const (
 	undoHdrLen     = 8 + 4 + 16 + 32 + 1
 	urecMagic      = 0x43455255 // "UREC" little-endian
 	urecHeaderSize = 40
+	// urecHole flags a record whose range read back as a hole: it carries
+	// no data and rolls back as zeroes. A resync onto a sparse target
+	// (the usual first catch-up) then costs the log a header per run, not
+	// a copy of nothing.
+	urecHole = 1
 	// undoMaxRecord bounds one record, so a large write is saved in
 	// pieces a rollback reads with a bounded buffer.
 	undoMaxRecord = 4 << 20
@@ -104,13 +109,26 @@ func decodeUndoHeader(b []byte) (undoHeader, error) {
 type urec struct {
 	seq    uint64
 	off, n int64
+	hole   bool  // no data follows: the range was zeroes
 	pos    int64 // file offset of the record
+}
+
+// dataLen is how many data bytes follow the record's header.
+func (r *urec) dataLen() int64 {
+	if r.hole {
+		return 0
+	}
+	return r.n
 }
 
 func (r *urec) putHeader(b []byte, data []byte) {
 	le := binary.LittleEndian
 	le.PutUint32(b[0:], urecMagic)
-	le.PutUint32(b[4:], 0)
+	var flags uint32
+	if r.hole {
+		flags = urecHole
+	}
+	le.PutUint32(b[4:], flags)
 	le.PutUint64(b[8:], r.seq)
 	le.PutUint64(b[16:], uint64(r.off))
 	le.PutUint64(b[24:], uint64(r.n))
@@ -126,19 +144,21 @@ func decodeUrec(b []byte, volSize int64) (urec, []byte, error) {
 		return r, nil, fmt.Errorf("%w: short record header", ErrUndoCorrupt)
 	}
 	le := binary.LittleEndian
-	if le.Uint32(b) != urecMagic || le.Uint32(b[4:]) != 0 || le.Uint32(b[36:]) != 0 {
+	if le.Uint32(b) != urecMagic || le.Uint32(b[4:])&^urecHole != 0 || le.Uint32(b[36:]) != 0 {
 		return r, nil, fmt.Errorf("%w: bad record magic", ErrUndoCorrupt)
 	}
+	r.hole = le.Uint32(b[4:])&urecHole != 0
 	r.seq = le.Uint64(b[8:])
 	off, n := le.Uint64(b[16:]), le.Uint64(b[24:])
 	if n == 0 || n > undoMaxRecord || off > uint64(volSize) || n > uint64(volSize)-off {
 		return r, nil, fmt.Errorf("%w: record range %d+%d", ErrUndoCorrupt, off, n)
 	}
 	r.off, r.n = int64(off), int64(n)
-	if len(b) < urecHeaderSize+int(n) {
+	dl := int(r.dataLen())
+	if len(b) < urecHeaderSize+dl {
 		return r, nil, fmt.Errorf("%w: record data truncated", ErrUndoCorrupt)
 	}
-	data := b[urecHeaderSize : urecHeaderSize+int(n)]
+	data := b[urecHeaderSize : urecHeaderSize+dl]
 	if crc32.Update(crc32.Update(0, castagnoli, b[:32]), castagnoli, data) != le.Uint32(b[32:]) {
 		return r, nil, fmt.Errorf("%w: record %d checksum", ErrUndoCorrupt, r.seq)
 	}
@@ -238,22 +258,22 @@ func (u *undoLog) records() ([]urec, int64) {
 		if _, err := u.f.ReadAt(hdr, pos); err != nil {
 			return recs, pos
 		}
-		n := int64(binary.LittleEndian.Uint64(hdr[24:]))
-		if n <= 0 || n > undoMaxRecord {
+		hr := urec{n: int64(binary.LittleEndian.Uint64(hdr[24:])), hole: binary.LittleEndian.Uint32(hdr[4:])&urecHole != 0}
+		if hr.n <= 0 || hr.n > undoMaxRecord {
 			return recs, pos
 		}
-		r, _, err := u.read(pos, n)
-		if err != nil || r.seq != seq {
+		r, _, err := u.read(pos, hr.dataLen())
+		if err != nil || r.seq != seq || r.hole != hr.hole {
 			return recs, pos
 		}
 		recs = append(recs, r)
-		pos += urecHeaderSize + n
+		pos += urecHeaderSize + r.dataLen()
 		seq++
 	}
 }
 
-// read loads and checks the record at pos holding n data bytes; the data
-// aliases u.buf.
+// read loads and checks the record at pos followed by n data bytes; the
+// data aliases u.buf.
 func (u *undoLog) read(pos, n int64) (urec, []byte, error) {
 	if int64(cap(u.buf)) < urecHeaderSize+n {
 		u.buf = make([]byte, urecHeaderSize+n)
@@ -315,21 +335,22 @@ func (u *undoLog) save(v *Volume, off, n int64) error {
 }
 
 func (u *undoLog) appendLocked(v *Volume, off, n int64) error {
-	if int64(cap(u.buf)) < urecHeaderSize+n {
-		u.buf = make([]byte, urecHeaderSize+n)
+	r := urec{seq: u.seq + 1, off: off, n: n, hole: v.isHole(off, n)}
+	dl := r.dataLen()
+	if int64(cap(u.buf)) < urecHeaderSize+dl {
+		u.buf = make([]byte, urecHeaderSize+dl)
 	}
-	b := u.buf[:urecHeaderSize+n]
+	b := u.buf[:urecHeaderSize+dl]
 	if err := v.pread(b[urecHeaderSize:], off); err != nil {
 		return fmt.Errorf("read pre-image: %w", err)
 	}
-	r := urec{seq: u.seq + 1, off: off, n: n}
 	r.putHeader(b, b[urecHeaderSize:])
 	if _, err := u.f.WriteAt(b, u.end); err != nil {
 		return fmt.Errorf("write undo log: %w", err)
 	}
 	u.seq++
 	u.end += int64(len(b))
-	u.bytes += n
+	u.bytes += n // the range covered (a hole record stores none of it)
 	u.saved.Set(off, n)
 	return nil
 }
@@ -344,11 +365,15 @@ func (u *undoLog) rollback(v *Volume) (int64, error) {
 	recs, _ := u.records()
 	var restored int64
 	for i := len(recs) - 1; i >= 0; i-- {
-		r, data, err := u.read(recs[i].pos, recs[i].n)
+		r, data, err := u.read(recs[i].pos, recs[i].dataLen())
 		if err != nil {
 			return restored, err
 		}
-		if err := v.pwrite(data, r.off, false); err != nil {
+		if r.hole {
+			if err := v.zero(r.off, r.n, true); err != nil {
+				return restored, fmt.Errorf("roll back %d@%d: %w", r.n, r.off, err)
+			}
+		} else if err := v.pwrite(data, r.off, false); err != nil {
 			return restored, fmt.Errorf("roll back %d@%d: %w", r.n, r.off, err)
 		}
 		restored += r.n
@@ -506,4 +531,15 @@ func (v *Volume) undoBytes() int64 {
 		return u.size()
 	}
 	return 0
+}
+
+// isHole reports that [off, off+n) of the backing file holds no data
+// (SEEK_DATA finds none before its end), so it reads back as zeroes. Any
+// doubt (a block device, an old kernel) says no: the caller then copies.
+func (v *Volume) isHole(off, n int64) bool {
+	next, err := unix.Seek(v.fd, off, unix.SEEK_DATA)
+	if err == unix.ENXIO {
+		return true // no data from off to the end of the file
+	}
+	return err == nil && next >= off+n
 }
