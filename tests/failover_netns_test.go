@@ -233,6 +233,10 @@ type labStatus struct {
 			InSync bool   `json:"in_sync"`
 			Epoch  uint64 `json:"epoch"`
 		} `json:"peer"`
+		Resources []struct {
+			Name  string `json:"name"`
+			Error string `json:"error"`
+		} `json:"resources"`
 	} `json:"failover"`
 }
 

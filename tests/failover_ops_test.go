@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -383,7 +384,7 @@ func TestFailoverResourceChainNetns(t *testing.T) {
     - {type: mount, device: "%%[1]s/dev", path: "%%[1]s/mnt", fstype: ext4}
     - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
     - {type: script, name: app, path: %[1]s, args: [app, "%%[1]s"], timeout: 10s}`, script, labFloating)
-	a, b := l.up("")
+	a, b := l.up("  monitor-interval: 200ms")
 	// Take down whatever chain is up, before the nodes are killed (this
 	// cleanup runs first). The stack lives in the mount namespace `ip netns
 	// exec` gave mirrord, which nbdfuse keeps alive: it must be unmounted
@@ -414,6 +415,37 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 	}
 	if got, want := strings.Join(orderLog(t, a), " "), "attach_start_formatted attach_start app_start_mounted_ip"; got != want {
 		t.Fatalf("a's order log: %q, want %q", got, want)
+	}
+	// The running chain is checked (each resource's monitor) and shown.
+	health := func(n *labNode) string {
+		st, err := n.status()
+		if err != nil || st.Failover == nil {
+			return fmt.Sprint(err)
+		}
+		var hs []string
+		for _, h := range st.Failover.Resources {
+			hs = append(hs, h.Name+"="+cmp.Or(h.Error, "ok"))
+		}
+		return strings.Join(hs, " ")
+	}
+	last := ""
+	waitFor(t, 10*time.Second, "a's resources all checked healthy", func() bool {
+		if h := health(a); h != last {
+			t.Logf("a's resources: %q", h)
+			last = h
+		}
+		return strings.Count(last, "=ok") == 4 && strings.HasSuffix(last, " app=ok")
+	})
+	if err := os.Remove(filepath.Join(a.dir, "app-running")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "a's status shows the app's failed check", func() bool {
+		h := health(a)
+		return strings.Count(h, "=ok") == 3 && strings.Contains(h, " app=") && !strings.HasSuffix(h, " app=ok")
+	})
+	t.Logf("a's resources with the app gone: %s", health(a))
+	if err := os.WriteFile(filepath.Join(a.dir, "app-running"), nil, 0o644); err != nil {
+		t.Fatal(err)
 	}
 
 	// Switchover a -> b: a stops in reverse, b starts in order.

@@ -264,6 +264,15 @@ func (d deviceResources) Stop(ctx context.Context) error {
 	return d.k.detach()
 }
 
+// Monitor checks the resources above the device (the attach itself is
+// watched by the kernel's dead-connection timeout).
+func (d deviceResources) Monitor(ctx context.Context) []agent.Health {
+	if m, ok := d.rest.(agent.Monitorer); ok {
+		return m.Monitor(ctx)
+	}
+	return nil
+}
+
 // current is the attached device, or nil.
 func (k *kernelExport) current() *nbd.KernelDevice {
 	if k == nil {

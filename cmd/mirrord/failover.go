@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -52,6 +53,9 @@ type FailoverConfig struct {
 	// ".epoch").
 	EpochFile string          `mapstructure:"epoch-file"`
 	Resources []resource.Spec `mapstructure:"resources"`
+	// MonitorInterval is how often the running resources are checked
+	// (their monitor); 0 never.
+	MonitorInterval time.Duration `mapstructure:"monitor-interval"`
 }
 
 // UDPPath is one "LISTEN->PEER" heartbeat path.
@@ -94,6 +98,7 @@ func setFailoverDefaults(set func(string, any)) {
 	set("failover.confirm-timeout", failover.DefaultConfirmTimeout.String())
 	set("failover.confirm-default", "proceed")
 	set("failover.epoch-file", "")
+	set("failover.monitor-interval", agent.DefaultMonitorInterval.String())
 }
 
 // machineConfig validates the section and converts it; bad reports each
@@ -145,6 +150,9 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 	mc.MaxAsyncLagBytes, mc.MaxAsyncLagTime = int64(f.MaxAsyncLag), f.MaxAsyncLagTime
 	mc.SwitchoverTimeout, mc.ConfirmTimeout = f.SwitchoverTimeout, f.ConfirmTimeout
 	mc.Witness = f.Witness != "" || len(f.EtcdEndpoints) > 0
+	if f.MonitorInterval < 0 {
+		bad("failover.monitor-interval", "must not be negative (0: never check)")
+	}
 	return mc
 }
 
@@ -257,12 +265,12 @@ func newFailover(c *Config, vol *mirror.Volume, secret []byte, recv func() func(
 	}
 	var res agent.Resources
 	if len(f.Resources) > 0 {
-		res = chain
+		res = monitoredChain{chain}
 	}
 	res = dev.under(res)
 	a, err := agent.New(agent.Config{
 		Machine: mc, Volume: c.Volume.Name, Secret: secret, EpochFile: c.epochFile(),
-		Voter: voter, Resources: res, Log: log,
+		Voter: voter, Resources: res, Log: log, MonitorInterval: monitorInterval(f.MonitorInterval),
 	}, vol, paths)
 	if err != nil {
 		closeAll(paths)
@@ -295,4 +303,29 @@ func (r *atomicRecv) load() func(string, []byte) {
 		return *f
 	}
 	return func(string, []byte) {}
+}
+
+// monitoredChain lets the agent check the running chain (resource.Chain
+// reports errors; the agent's status shows them as text).
+type monitoredChain struct{ *resource.Chain }
+
+func (c monitoredChain) Monitor(ctx context.Context) []agent.Health {
+	var hs []agent.Health
+	for _, h := range c.Chain.Monitor(ctx) {
+		x := agent.Health{Name: h.Name}
+		if h.Err != nil {
+			x.Error = h.Err.Error()
+		}
+		hs = append(hs, x)
+	}
+	return hs
+}
+
+// monitorInterval maps the config's 0 (never) to the agent's "negative:
+// never" (its 0 means the default).
+func monitorInterval(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }

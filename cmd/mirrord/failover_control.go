@@ -175,6 +175,9 @@ func humanFailover(r *failoverView) string {
 	if r.Switchover != "" {
 		fmt.Fprintf(&b, "    switchover: %s\n", r.Switchover)
 	}
+	for _, h := range r.Resources {
+		fmt.Fprintf(&b, "    resource %s: %s\n", h.Name, orDash(h.Error))
+	}
 	n := len(r.Decisions)
 	for _, d := range r.Decisions[max(0, n-5):] {
 		acted := "did not act"
@@ -195,19 +198,21 @@ func orDash(s string) string {
 
 // failoverView is the agent's state in `mirrord status --json`.
 type failoverView struct {
-	Mode        string         `json:"mode"`
-	Maintenance bool           `json:"maintenance"`
-	Role        string         `json:"role"`
-	Epoch       uint64         `json:"epoch"`
-	Fenced      bool           `json:"fenced"`
-	Forced      bool           `json:"forced"`
-	ServeUntil  *time.Time     `json:"serve_until,omitempty"`
-	Witness     bool           `json:"witness"`
-	Quorum      quorumView     `json:"quorum"`
-	Peer        peerView       `json:"peer"`
-	Intent      *intentView    `json:"intent,omitempty"`
-	Switchover  string         `json:"switchover,omitempty"`
-	Decisions   []decisionView `json:"decisions"`
+	Mode        string      `json:"mode"`
+	Maintenance bool        `json:"maintenance"`
+	Role        string      `json:"role"`
+	Epoch       uint64      `json:"epoch"`
+	Fenced      bool        `json:"fenced"`
+	Forced      bool        `json:"forced"`
+	ServeUntil  *time.Time  `json:"serve_until,omitempty"`
+	Witness     bool        `json:"witness"`
+	Quorum      quorumView  `json:"quorum"`
+	Peer        peerView    `json:"peer"`
+	Intent      *intentView `json:"intent,omitempty"`
+	Switchover  string      `json:"switchover,omitempty"`
+	// Resources is the last check of the running resource chain.
+	Resources []agent.Health `json:"resources,omitempty"`
+	Decisions []decisionView `json:"decisions"`
 }
 
 type quorumView struct {
@@ -247,7 +252,7 @@ func viewFailover(r agent.Report) *failoverView {
 	}
 	v := &failoverView{
 		Mode: mode, Maintenance: r.Maintenance, Role: r.Role.String(), Epoch: r.Epoch, Fenced: r.Fenced, Forced: r.Forced,
-		Witness: r.Witness, Switchover: r.Switchover,
+		Witness: r.Witness, Switchover: r.Switchover, Resources: r.Resources,
 		Quorum: quorumView{Answered: r.Quorum.Answered, Holder: r.Quorum.Holder, Granted: r.Quorum.Granted, Epoch: r.Quorum.Epoch},
 		Peer: peerView{Node: r.Peer.Node, State: r.Peer.State.String(), Role: r.Peer.Role.String(), Disk: r.Peer.Disk.String(),
 			Epoch: r.Peer.Epoch, InSync: r.Peer.InSync, LagBytes: r.Peer.LagBytes},

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mirrord/mirrord/internal/atomicfile"
@@ -84,6 +85,20 @@ type Resources interface {
 	Stop(ctx context.Context) error
 }
 
+// Monitorer is a Resources that can check itself (LifeKeeper's quick
+// "looks alive" check); the agent finds it by type assertion and runs it
+// every Config.MonitorInterval while the chain is up. A failed check is
+// reported in Status and the log; it does not by itself fail over.
+type Monitorer interface {
+	Monitor(ctx context.Context) []Health
+}
+
+// Health is one resource's last check.
+type Health struct {
+	Name  string `json:"name"`
+	Error string `json:"error,omitempty"`
+}
+
 // Path is one heartbeat path to the peer. Send must not block for long
 // (a path drops what it cannot send); received messages are handed to
 // Agent.Receive by the path itself.
@@ -111,6 +126,9 @@ type Config struct {
 	Resources Resources
 	// ResourceTimeout bounds a Start or Stop of the chain; default 30 s.
 	ResourceTimeout time.Duration
+	// MonitorInterval is how often a running chain is checked (when
+	// Resources is a Monitorer); default 10 s, negative: never.
+	MonitorInterval time.Duration
 	// VoteTimeout bounds one call to the witness (with its
 	// retransmissions); default half a heartbeat interval. A later answer
 	// is dropped: the runner stamps a grant when it arrives, so a late one
@@ -126,6 +144,7 @@ type Config struct {
 // Defaults.
 const (
 	DefaultResourceTimeout = 30 * time.Second
+	DefaultMonitorInterval = 10 * time.Second
 	DefaultHistory         = 32
 	// handoverCopies: a PeerPromote is sent this many times on every path
 	// (UDP may drop one); the receiver acts on the first.
@@ -154,6 +173,10 @@ type Agent struct {
 	quit    chan struct{}
 	wg      sync.WaitGroup
 
+	// resUp: the resource chain started cleanly and has not been stopped
+	// since (the monitor checks only then).
+	resUp atomic.Bool
+
 	// Loop-owned.
 	seq      uint64
 	lastBeat time.Time
@@ -170,6 +193,7 @@ type Agent struct {
 	status  failover.Status
 	history []failover.Decision
 	subs    map[chan failover.Decision]struct{}
+	health  []Health // the last resource check
 }
 
 type inMsg struct {
@@ -195,6 +219,9 @@ func New(cfg Config, vol Volume, paths []Path) (*Agent, error) {
 	}
 	if cfg.ResourceTimeout == 0 {
 		cfg.ResourceTimeout = DefaultResourceTimeout
+	}
+	if cfg.MonitorInterval == 0 {
+		cfg.MonitorInterval = DefaultMonitorInterval
 	}
 	if cfg.History == 0 {
 		cfg.History = DefaultHistory
@@ -262,6 +289,51 @@ func (a *Agent) Start() {
 	a.wg.Add(2)
 	go a.worker()
 	go a.loop()
+	if _, ok := a.cfg.Resources.(Monitorer); ok && a.cfg.MonitorInterval > 0 {
+		a.wg.Add(1)
+		go a.monitorLoop()
+	}
+}
+
+func (a *Agent) monitorLoop() {
+	defer a.wg.Done()
+	t := a.clock.NewTicker(a.cfg.MonitorInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.quit:
+			return
+		case <-t.C():
+			a.checkResources()
+		}
+	}
+}
+
+// checkResources runs the chain's Monitor while it is up, keeps the result
+// for Status and logs every change of a resource's health.
+func (a *Agent) checkResources() {
+	m, ok := a.cfg.Resources.(Monitorer)
+	var h []Health
+	if ok && a.resUp.Load() {
+		ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ResourceTimeout)
+		h = m.Monitor(ctx)
+		cancel()
+	}
+	a.mu.Lock()
+	was := make(map[string]string, len(a.health))
+	for _, x := range a.health {
+		was[x.Name] = x.Error
+	}
+	a.health = h
+	a.mu.Unlock()
+	for _, x := range h {
+		switch prev, seen := was[x.Name]; {
+		case x.Error != "" && (!seen || prev != x.Error):
+			a.log.Warn().Str("resource", x.Name).Str("error", x.Error).Msg("resource check failed")
+		case x.Error == "" && seen && prev != "":
+			a.log.Info().Str("resource", x.Name).Msg("resource check passes again")
+		}
+	}
 }
 
 // Close stops the agent (it does not touch the volume's role or fence:
@@ -358,6 +430,9 @@ type Report struct {
 	failover.Status
 	Witness bool                `json:"witness"`
 	History []failover.Decision `json:"history"`
+	// Resources is the last check of the running chain (empty while it
+	// is down or cannot check itself).
+	Resources []Health `json:"resources,omitempty"`
 }
 
 // Status returns the machine's last status and recent decisions, newest
@@ -365,7 +440,8 @@ type Report struct {
 func (a *Agent) Status() Report {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return Report{Status: a.status, Witness: a.cfg.Voter != nil, History: append([]failover.Decision(nil), a.history...)}
+	return Report{Status: a.status, Witness: a.cfg.Voter != nil, History: append([]failover.Decision(nil), a.history...),
+		Resources: append([]Health(nil), a.health...)}
 }
 
 // Subscribe streams decisions as they are recorded. A slow subscriber
@@ -749,10 +825,21 @@ func (a *Agent) resources(start bool) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ResourceTimeout)
 	defer cancel()
+	var err error
 	if start {
-		return a.cfg.Resources.Start(ctx)
+		err = a.cfg.Resources.Start(ctx)
+	} else {
+		err = a.cfg.Resources.Stop(ctx)
 	}
-	return a.cfg.Resources.Stop(ctx)
+	// Up only after a clean start; a failed start rolled back, a stop
+	// (even a failed one) leaves nothing to check.
+	a.resUp.Store(start && err == nil)
+	if !a.resUp.Load() {
+		a.mu.Lock()
+		a.health = nil
+		a.mu.Unlock()
+	}
+	return err
 }
 
 // record logs a decision and keeps it for Status and subscribers.

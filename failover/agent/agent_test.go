@@ -190,7 +190,14 @@ func (v nodeVoter) Release(ctx context.Context, volume, from, to string) error {
 
 func (v nodeVoter) Close() error { return nil }
 
-type fakeResources struct{ started, stopped int }
+type fakeResources struct {
+	started, stopped int
+	broken           string // what Monitor reports for "app" ("": healthy)
+}
+
+func (r *fakeResources) Monitor(context.Context) []Health {
+	return []Health{{Name: "ip"}, {Name: "app", Error: r.broken}}
+}
 
 func (r *fakeResources) Start(context.Context) error { r.started++; return nil }
 func (r *fakeResources) Stop(context.Context) error  { r.stopped++; return nil }
@@ -502,5 +509,38 @@ func TestAgentNeverUnfencesPastTheLease(t *testing.T) {
 	c.drain(a)
 	if a.vol.writable() {
 		t.Fatalf("the agent unfenced a volume whose lease ran out at %v (now %v)", until, c.clock.Now())
+	}
+}
+
+// The running chain is checked (Monitor) and its health shown in Status;
+// a stopped chain is not checked.
+func TestAgentMonitorsRunningResources(t *testing.T) {
+	c := newCluster(t)
+	a, _ := c.up()
+	a.a.checkResources()
+	if h := a.a.Status().Resources; len(h) != 0 {
+		t.Fatalf("a chain never started was checked: %+v", h)
+	}
+	if err := a.a.resources(true); err != nil || a.res.started != 1 {
+		t.Fatalf("start: %v, started %d times", err, a.res.started)
+	}
+	a.res.broken = "exit status 7"
+	a.a.checkResources()
+	h := a.a.Status().Resources
+	if len(h) != 2 || h[0] != (Health{Name: "ip"}) || h[1] != (Health{Name: "app", Error: "exit status 7"}) {
+		t.Fatalf("health after a failed check: %+v", h)
+	}
+	a.res.broken = ""
+	a.a.checkResources()
+	if h := a.a.Status().Resources; len(h) != 2 || h[1].Error != "" {
+		t.Fatalf("health after the check passes again: %+v", h)
+	}
+	if err := a.a.resources(false); err != nil {
+		t.Fatal(err)
+	}
+	a.res.broken = "not running"
+	a.a.checkResources()
+	if h := a.a.Status().Resources; len(h) != 0 {
+		t.Fatalf("a stopped chain was checked: %+v", h)
 	}
 }
