@@ -375,14 +375,23 @@ func shortTempDir(t testing.TB) string {
 }
 
 // freeTCPAddr returns a loopback address with a port nobody listens on now.
+//
+// The port comes from below the kernel's ephemeral range (32768 up on
+// Linux): port 0 would hand out one from inside it, where any outgoing
+// connection of a parallel test can take it before the daemon binds it.
 func freeTCPAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 1000 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 20000+rand.IntN(12000))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		_ = l.Close()
+		return addr
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no free TCP port between 20000 and 32000 on 127.0.0.1")
+	return ""
 }
 
 // waitFor polls cond until it holds or timeout passes.
