@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mirrord/mirrord/internal/units"
+
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
@@ -615,24 +617,11 @@ func ParseRate(s string) (int64, error) {
 	lower := strings.ToLower(t)
 	switch {
 	case strings.HasSuffix(lower, "bit"), strings.HasSuffix(lower, "bit/s"):
-		num := strings.TrimSuffix(strings.TrimSuffix(lower, "/s"), "bit")
-		mult := 1.0
-		switch {
-		case strings.HasSuffix(num, "k"):
-			mult = 1e3
-		case strings.HasSuffix(num, "m"):
-			mult = 1e6
-		case strings.HasSuffix(num, "g"):
-			mult = 1e9
-		}
-		if mult != 1 {
-			num = num[:len(num)-1]
-		}
-		f, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
-		if err != nil || f < 0 || f*mult > 1e15 {
+		bits, err := units.ParseBits(lower)
+		if err != nil || bits > 1e15 {
 			return 0, fmt.Errorf("rate %q: want e.g. 100Mbit, 12MiB/s or 0", s)
 		}
-		return int64(f * mult / 8), nil
+		return bits / 8, nil
 	}
 	n, err := ParseByteSize(strings.TrimSuffix(t, "/s"))
 	if err != nil {

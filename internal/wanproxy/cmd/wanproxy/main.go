@@ -9,10 +9,10 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/mirrord/mirrord/internal/units"
 
 	"github.com/mirrord/mirrord/internal/wanproxy"
 )
@@ -25,7 +25,7 @@ func main() {
 	rateS := flag.String("rate", "0", "bandwidth each way, in bits/s with k, M or G (e.g. 100M); 0 unlimited")
 	loss := flag.Float64("loss", 0, "probability a 16 KiB chunk is lost (costs one 200 ms RTO)")
 	flag.Parse()
-	rate, err := parseBits(*rateS)
+	rate, err := units.ParseBits(*rateS)
 	if err != nil || *target == "" {
 		fmt.Fprintf(os.Stderr, "wanproxy: need -target; -rate %q: %v\n", *rateS, err)
 		os.Exit(2)
@@ -41,25 +41,4 @@ func main() {
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	<-sig
 	_ = p.Close()
-}
-
-func parseBits(s string) (int64, error) {
-	s = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), "bit")
-	mult := 1.0
-	switch {
-	case strings.HasSuffix(s, "k"):
-		mult = 1e3
-	case strings.HasSuffix(s, "m"):
-		mult = 1e6
-	case strings.HasSuffix(s, "g"):
-		mult = 1e9
-	}
-	if mult != 1 {
-		s = s[:len(s)-1]
-	}
-	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || f < 0 {
-		return 0, fmt.Errorf("want e.g. 100M")
-	}
-	return int64(f * mult), nil
 }
