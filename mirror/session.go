@@ -94,6 +94,7 @@ const (
 type tlEntry struct {
 	kind   entryKind
 	off, n int64
+	cost   int64 // writes: bytes in flight, held in the async window (op.cost)
 	sent   time.Time
 	done   chan error // sync waiters; nil for async
 	epoch  uint64
@@ -573,7 +574,7 @@ func (s *session) replicate(o op) (ok bool, err error) {
 	}
 	h, payload := writeFrame(o)
 	h.Flags |= wan.FlagSync
-	e := &tlEntry{kind: entWrite, off: o.off, n: o.n, done: make(chan error, 1)}
+	e := &tlEntry{kind: entWrite, off: o.off, n: o.n, cost: o.cost(), done: make(chan error, 1)}
 	if _, ok := s.direct(h, payload, e, sendFlush); !ok {
 		return false, nil
 	}
@@ -721,7 +722,7 @@ func (s *session) acked(seq uint64, errno uint32) {
 		if e.journaled {
 			s.l.journal.ack(s, e.jseq)
 		}
-		s.release(e.n)
+		s.release(e.cost)
 	case entFlush:
 		if e.done != nil {
 			e.done <- nil
