@@ -134,8 +134,15 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	if l.cfg.Compress {
 		own.Flags |= wan.HelloZstd
 	}
+	if l.noOptional.Load() {
+		own.Flags &^= wan.HelloOptional
+	}
 	peer, err := wan.HandshakeBound(s.r, s.w, own, l.cfg.Secret, binding)
 	if err != nil {
+		if errors.Is(err, wan.ErrHelloRefused) && own.Flags&wan.HelloOptional != 0 && !l.noOptional.Swap(true) {
+			l.log.Warn().Uint16("flags", own.Flags).
+				Msg("peer refused optional hello flags (an older build): sending none from now on; an interrupted resync restarts in full")
+		}
 		return nil, fmt.Errorf("handshake with %s: %w", c.RemoteAddr(), err)
 	}
 	s.peer = peer
