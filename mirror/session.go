@@ -69,6 +69,10 @@ type session struct {
 	// Secondary side.
 	applying sync.WaitGroup
 	syncing  atomic.Bool // we are the sync target of a running resync
+	// held replies since the last flush, and when the first was held
+	// (holdMode; the receive loop's own).
+	held      int
+	heldSince time.Time
 	// fullSync: this session's resync rewrites the whole disk (unrelated
 	// data, split-brain resolution), so no undo log: it would be as large
 	// as the volume.
@@ -494,12 +498,34 @@ func (s *session) replyHeld(h wan.Header, payload []byte) {
 	s.direct(h, payload, nil, s.holdMode())
 }
 
+// Replies the receive loop holds for a burst leave after at most
+// maxHeldReplies of them or maxReplyHold after the first. Unbounded, the
+// first ack of a burst waited for the whole burst to be applied: over a
+// WAN a QD32 window arrives in a few bursts (up to all 32 frames), and
+// the time from a write frame's read to its ack's flush was 80-150 us on
+// average, 150-310 us at p90 (in process, 10 ms RTT, QD32, two loaded
+// cores); bounded, 30-57 us and 70-95 us, for the same CPU per write.
+// Eight acks still share a syscall.
+const (
+	maxHeldReplies = 8
+	maxReplyHold   = 100 * time.Microsecond
+)
+
 // holdMode lets the receiver batch replies while more frames are already
-// buffered; it must only be called from the receive loop.
+// buffered, within the bounds above; it must only be called from the
+// receive loop (held and heldSince are its own).
 func (s *session) holdMode() sendMode {
-	if s.r.Buffered() > 0 {
-		return sendHold
+	if s.r.Buffered() > 0 && s.held < maxHeldReplies {
+		now := time.Now()
+		if s.held == 0 {
+			s.heldSince = now
+		}
+		if now.Sub(s.heldSince) < maxReplyHold {
+			s.held++
+			return sendHold
+		}
 	}
+	s.held = 0
 	return sendFlush
 }
 
@@ -640,6 +666,7 @@ func (s *session) recvLoop() {
 			return
 		}
 		if s.r.Buffered() == 0 {
+			s.held = 0
 			s.flushHeld()
 		}
 	}
