@@ -16,13 +16,7 @@ func TestAsyncCatchUpTargetKilledResumes(t *testing.T) {
 	set := []string{"peer.timeout=20s", "peer.ping-interval=500ms", "peer.async-window=32MiB", "peer.journal.size=4MiB"}
 	pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
 		alphaSet: append(set, "peer.resync-max-rate=2MiB"), betaSet: set})
-	pr.stall(true)
-	// 48 MiB, each block once in a random order: past the window and
-	// the journal, about 12 MiB of it into the bitmap.
-	w := startSeqWriter(t, pr.alpha, mirrorSeed(t), 48<<20, 16, 0)
-	w.wait(t)
-	pr.alpha.waitStatus("Ahead", stateTimeout, func(st mirrorStatus) bool { return st.Peer.Replication == "Ahead" })
-	pr.stall(false)
+	w := pr.aheadThenFlow(t, 48<<20) // about 12 MiB of it into the bitmap
 
 	bSt := pr.beta.waitStatus("Behind, part of the catch-up applied", resyncTimeout, func(st mirrorStatus) bool {
 		return st.Peer != nil && st.Peer.Replication == "Behind" && st.Peer.Resync != nil &&
