@@ -98,7 +98,8 @@ const (
 type tlEntry struct {
 	kind   entryKind
 	off, n int64
-	cost   int64 // writes: bytes in flight, held in the async window (op.cost)
+	cost   int64  // writes: bytes in flight, held in the async window (op.cost)
+	batch  uint64 // sendPath batch that carries the frame (sync writes)
 	sent   time.Time
 	done   chan error // sync waiters; nil for async
 	epoch  uint64
@@ -448,7 +449,7 @@ func (s *session) transmit(h wan.Header, payload []byte, owned *[]byte, e *tlEnt
 // sequence number and a transfer-log entry.
 func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode) (uint64, bool) {
 	var seq uint64
-	ok, err := s.out.send(h, payload, mode, func(h *wan.Header) bool {
+	batch, ok, err := s.out.send(h, payload, mode, func(h *wan.Header) bool {
 		s.qmu.Lock()
 		defer s.qmu.Unlock()
 		if s.closed {
@@ -471,6 +472,9 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 	})
 	if err != nil {
 		s.fail(fmt.Errorf("send: %w", err))
+	}
+	if e != nil {
+		e.batch = batch // read by this goroutine only (replicate)
 	}
 	if ok {
 		s.l.stats.sentBytes.Add(uint64(len(payload) + wan.HeaderSize))
@@ -615,6 +619,7 @@ func (s *session) replicate(o op) (ok bool, err error) {
 	if perr := <-e.done; perr != nil && !errors.Is(perr, errDisconnected) {
 		s.l.log.Warn().Err(perr).Int64("offset", o.off).Msg("peer failed a write")
 	}
+	s.out.waitWritten(e.batch) // o.p is the caller's again on return
 	return true, lerr
 }
 
