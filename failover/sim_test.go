@@ -65,10 +65,10 @@ type simNode struct {
 	// appFault: the resource "app" fails its check; appBroken: and a
 	// restart does not cure it.
 	appFault, appBroken bool
-	chain     int    // writes applied
-	hash      uint64 // lineage: hash of every write applied
-	resyncing bool
-	resyncInc int
+	chain               int    // writes applied
+	hash                uint64 // lineage: hash of every write applied
+	resyncing           bool
+	resyncInc           int
 
 	offset  time.Duration // local clock = simulated time + offset
 	phase   time.Duration // tick phase

@@ -90,6 +90,26 @@ type kernelExport struct {
 	// again on a Primary event that races the demotion. Cleared once the
 	// volume is seen Secondary, or by an explicit attach.
 	parked bool
+	// keep: mirrord is stopping with --keep-device: the resources'
+	// stop on exit leaves the device attached for the next mirrord.
+	keep bool
+}
+
+// keepOnExit makes a stop of the resource chain from now on leave the
+// device attached (mirrord run --keep-device is exiting).
+func (k *kernelExport) keepOnExit() {
+	if k == nil {
+		return
+	}
+	k.mu.Lock()
+	k.keep = true
+	k.mu.Unlock()
+}
+
+func (k *kernelExport) keeping() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.keep
 }
 
 // deviceStatus is the "device" part of GET /status.
@@ -261,7 +281,20 @@ func (d deviceResources) Stop(ctx context.Context) error {
 			return err
 		}
 	}
+	if d.k.keeping() {
+		return nil
+	}
 	return d.k.detach()
+}
+
+// Restart restarts part of the resources above the device (local
+// recovery); the device itself is never restarted in place: it is not
+// checked, and detaching it would take the whole chain down.
+func (d deviceResources) Restart(ctx context.Context, from string) error {
+	if r, ok := d.rest.(agent.Recoverer); ok {
+		return r.Restart(ctx, from)
+	}
+	return agent.ErrNoRecovery
 }
 
 // Monitor checks the resources above the device (the attach itself is
