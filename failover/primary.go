@@ -39,7 +39,9 @@ func (m *Machine) twoPrimaries() {
 	// not acknowledge any write once it knows of a newer Primary; the
 	// demotion would fail held writes anyway.
 	if !m.fenced || m.fenceHow != FenceError {
-		m.fence(FenceError, "stepping down for "+m.cfg.Peer+": writes fail (EIO) so that stopping the resources cannot hang on them")
+		why := "stepping down for " + m.cfg.Peer + ": writes fail (EIO) so that stopping the resources cannot hang on them"
+		m.fence(FenceError, why)
+		m.recordTopic("fence", "step-down", KindFence, true, "fenced (error): "+why)
 	}
 	m.emit(StopResources{ID: m.id(opStop), Reason: "stepping down"})
 	m.demoting = m.id(opDemote)

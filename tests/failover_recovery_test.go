@@ -149,3 +149,60 @@ func TestFailoverStopResourcesOnExitNetns(t *testing.T) {
 		t.Fatalf("b's log does not say it stopped the resources (%v)", err)
 	}
 }
+
+// A Primary cut off from its peer and the witness holds writes (fencing:
+// suspend) while its ext4 is still mounted, and b takes over. Dirty data
+// on a's file system then needs writes to unmount. When the cut heals a
+// hears b as the newer Primary: it fails writes with EIO first, so its
+// unmount completes at once instead of waiting on held writes until the
+// mount's timeout, then detaches the device and demotes, and resyncs
+// from b.
+func TestFailoverStepDownUnmountsNetns(t *testing.T) {
+	requireTools(t, "nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "blkid", "mountpoint", "setsid", "nsenter")
+	const mountTimeout = 10 * time.Second
+	l := newLab(t)
+	script := filepath.Join(l.dir, "res.sh")
+	if err := os.WriteFile(script, []byte(chainScript), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	l.resources = fmt.Sprintf(`    - {type: script, name: attach, path: %[1]s, args: [attach, "%%[1]s"], timeout: 20s}
+    - {type: mount, device: "%%[1]s/dev", path: "%%[1]s/mnt", fstype: ext4, timeout: %[3]v}
+    - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}`, script, labFloating, mountTimeout)
+	a, b := l.up("")
+	l.unchainOnCleanup(script, a, b)
+	waitFor(t, 30*time.Second, "a's file system mounted and the floating IP up", func() bool { return mounted(t, a) && hasFloatingIP(l, a) })
+	// Dirty pages on a's file system, written back after the cut (ext4
+	// commits every 5 s) or by the unmount. Not written during the cut:
+	// with writes held, a writer blocks in the kernel with the file open,
+	// and an unmount then fails with EBUSY (an application holding its
+	// files is what `lazy: true` is for).
+	dirty := fmt.Sprintf("/proc/%d/root%s", a.cmd.Process.Pid, filepath.Join(a.dir, "mnt", "dirty"))
+	if err := os.WriteFile(dirty, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	l.cut("a", []string{"b", "w"}, false)
+	waitFor(t, 30*time.Second, "a holding writes and b serving with the file system", func() bool {
+		sa, err := a.status()
+		return err == nil && sa.Fence == "suspend" && b.writable() && mounted(t, b)
+	})
+
+	l.heal("a")
+	healed := time.Now()
+	waitFor(t, 3*mountTimeout, "a Secondary with its file system unmounted and the device detached", func() bool {
+		st, err := a.status()
+		return err == nil && st.Role == "Secondary" && !mounted(t, a) && !hasFloatingIP(l, a)
+	})
+	took := time.Since(healed)
+	t.Logf("heal to a stepped down, unmounted and detached: %v", took.Round(time.Millisecond))
+	if took >= mountTimeout {
+		t.Fatalf("stepping down took %v, the mount's timeout: the unmount waited on held writes", took)
+	}
+	if a.decided("demote", "resources failed to stop") || !a.decided("fence", "stepping down for b: writes fail (EIO)") {
+		t.Fatalf("a's step-down decisions: %+v", a.decisions())
+	}
+	if log := orderLog(t, a); len(log) == 0 || log[len(log)-1] != "attach_stop" {
+		t.Fatalf("a's order log %v: the device was not detached after the unmount", log)
+	}
+	l.backInSync(a, b)
+}
