@@ -442,6 +442,10 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		}
 		return strings.Count(last, "=ok") == 4 && strings.HasSuffix(last, " app=ok")
 	})
+	// In maintenance mode the agent watches and never acts: the failed
+	// check is shown and what the agent would do recorded, but the app is
+	// not restarted (see failover_recovery_test.go for what it does).
+	a.must(t, "maintenance", "on")
 	if err := os.Remove(filepath.Join(a.dir, "app-running")); err != nil {
 		t.Fatal(err)
 	}
@@ -450,9 +454,14 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		return strings.Count(h, "=ok") == 3 && strings.Contains(h, " app=") && !strings.HasSuffix(h, " app=ok")
 	})
 	t.Logf("a's resources with the app gone: %s", health(a))
+	waitFor(t, 10*time.Second, "a recording what it would do in maintenance", func() bool {
+		return a.decided("resource", "maintenance: would restart app and the resources after it (local recovery 1 of 1)")
+	})
 	if err := os.WriteFile(filepath.Join(a.dir, "app-running"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, 10*time.Second, "a's app passing its check again", func() bool { return a.decided("resource", "resource app passes its check again") })
+	a.must(t, "maintenance", "off")
 
 	// Switchover a -> b: a stops in reverse, b starts in order.
 	evB := l.events(b)
