@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -92,24 +93,7 @@ type kernelExport struct {
 	parked bool
 	// keep: mirrord is stopping with --keep-device: the resources'
 	// stop on exit leaves the device attached for the next mirrord.
-	keep bool
-}
-
-// keepOnExit makes a stop of the resource chain from now on leave the
-// device attached (mirrord run --keep-device is exiting).
-func (k *kernelExport) keepOnExit() {
-	if k == nil {
-		return
-	}
-	k.mu.Lock()
-	k.keep = true
-	k.mu.Unlock()
-}
-
-func (k *kernelExport) keeping() bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return k.keep
+	keep atomic.Bool
 }
 
 // deviceStatus is the "device" part of GET /status.
@@ -281,7 +265,7 @@ func (d deviceResources) Stop(ctx context.Context) error {
 			return err
 		}
 	}
-	if d.k.keeping() {
+	if d.k.keep.Load() {
 		return nil
 	}
 	return d.k.detach()

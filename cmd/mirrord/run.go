@@ -172,9 +172,7 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 		// While the volume, its NBD server and the device still serve:
 		// an unmount writes, and the floating IP must be gone before
 		// the service is.
-		if keepDevice {
-			kx.keepOnExit()
-		}
+		kx.keep.Store(keepDevice)
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 		if err := fo.StopResourcesOnExit(ctx); err != nil {
 			runErr = errors.Join(runErr, fmt.Errorf("stopping the resources on exit: %w", err))
