@@ -91,9 +91,10 @@ type kernelExport struct {
 	// again on a Primary event that races the demotion. Cleared once the
 	// volume is seen Secondary, or by an explicit attach.
 	parked bool
-	// keep: mirrord is stopping with --keep-device: the resources'
-	// stop on exit leaves the device attached for the next mirrord.
-	keep atomic.Bool
+	// exiting: mirrord is stopping; the resources' stop on exit leaves
+	// the device to stop, which keeps it attached when it is in use
+	// (mounted by hand) or with --keep-device.
+	exiting atomic.Bool
 }
 
 // deviceStatus is the "device" part of GET /status.
@@ -265,7 +266,7 @@ func (d deviceResources) Stop(ctx context.Context) error {
 			return err
 		}
 	}
-	if d.k.keep.Load() {
+	if d.k.exiting.Load() {
 		return nil
 	}
 	return d.k.detach()
