@@ -334,9 +334,10 @@ func (a *Agent) monitorLoop() {
 func (a *Agent) checkResources() {
 	m, ok := a.cfg.Resources.(Monitorer)
 	gen := a.resGen.Load()
-	// Odd: a start, stop or restart is running (the worker does one at a
-	// time).
-	up := ok && a.resUp.Load() && gen%2 == 0
+	if gen%2 == 1 {
+		return // a start, stop or restart is running (one at a time)
+	}
+	up := ok && a.resUp.Load()
 	var h []Health
 	if up {
 		ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ResourceTimeout)
