@@ -38,9 +38,10 @@ func running(n *labNode, role string) bool {
 
 // A Primary's resource fails its check: the agent restarts it and the
 // resource after it in place, leaving the one before it (the floating IP)
-// alone, and the service stays on a. Then the resource cannot be started
-// any more: the one local recovery fails and a hands the service over to
-// b as a switchover would; clients reach it at the floating IP on b.
+// alone, and the service stays on a. Then, with b down, the resource
+// cannot be started any more: the one local recovery fails and a stays,
+// saying why; once b is back in sync a hands the service over to it as a
+// switchover would, and clients reach it at the floating IP on b.
 func TestFailoverResourceRecoveryNetns(t *testing.T) {
 	l := newLab(t)
 	script := filepath.Join(l.dir, "res.sh")
@@ -77,19 +78,36 @@ func TestFailoverResourceRecoveryNetns(t *testing.T) {
 		t.Fatalf("write after the local recovery: %v", err)
 	}
 
-	// 2. The app dies and cannot start again: a hands over to b.
+	// 2. b is down when the app dies and cannot start again: the one
+	// local recovery fails, and with nobody to take over a stays Primary
+	// with what still runs (the floating IP) and says why.
+	b.kill9()
+	waitFor(t, 20*time.Second, "a serving with b lost", func() bool {
+		return a.writable() && a.decided("peer", "peer b lost")
+	})
 	if err := os.WriteFile(filepath.Join(a.dir, "fail-app"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	failed := time.Now()
 	if err := os.Remove(filepath.Join(a.dir, "app-running")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "b serving with the chain up after a's handover", func() bool {
+	const stay = "after 1 local recoveries: staying Primary with the resources as they are, no handover: peer b is lost"
+	waitFor(t, 20*time.Second, "a saying why it does not hand over", func() bool { return a.decided("resource", stay) })
+	if out := a.must(t, "status"); !strings.Contains(out, "RESOURCE FAILED: app since") {
+		t.Fatalf("a's status does not show the failed resource:\n%s", out)
+	}
+	if err := w.write(); err != nil || !a.writable() || !hasFloatingIP(l, a) || running(a, "tail") {
+		t.Fatalf("a while staying: write %v, writable %v, floating IP %v, tail running %v", err, a.writable(), hasFloatingIP(l, a), running(a, "tail"))
+	}
+
+	// 3. b returns and catches up: at a later failed check a hands over.
+	failed := time.Now()
+	l.start(b)
+	waitFor(t, 60*time.Second, "b serving with the chain up after a's handover", func() bool {
 		st, err := b.status()
 		return err == nil && st.Role == "Primary" && st.Fence == "" && running(b, "app") && running(b, "tail") && hasFloatingIP(l, b)
 	})
-	t.Logf("failed check to b's chain up: %v", time.Since(failed).Round(time.Millisecond))
+	t.Logf("b's restart to its chain up after a's handover: %v", time.Since(failed).Round(time.Millisecond))
 	if st, err := a.status(); err != nil || st.Role != "Secondary" || hasFloatingIP(l, a) || running(a, "tail") {
 		t.Fatalf("a after the handover: %+v %v, floating IP %v, tail running %v", st, err, hasFloatingIP(l, a), running(a, "tail"))
 	}
