@@ -44,6 +44,11 @@ const (
 	DefaultMaxAsyncLagTime = 10 * time.Second
 	// DefaultSwitchoverTimeout bounds the drain of a planned switchover.
 	DefaultSwitchoverTimeout = 10 * time.Second
+	// DefaultLocalRecovery is LifeKeeper's: one restart in place before a
+	// failed resource moves the service to the peer, since most failures
+	// (a crashed daemon) are cured by a restart, which is cheaper than a
+	// switchover.
+	DefaultLocalRecovery = 1
 )
 
 // FailbackPolicy says whether a node that took over gives the volume back
@@ -131,6 +136,11 @@ type Config struct {
 	// SwitchoverTimeout bounds how long a planned switchover holds writes
 	// waiting for the target to catch up.
 	SwitchoverTimeout time.Duration
+	// LocalRecovery is how many times a resource that fails its check is
+	// restarted in place (with the resources after it) before the Primary
+	// hands over to its peer; default DefaultLocalRecovery, negative:
+	// never, hand over at the first failed check.
+	LocalRecovery int
 }
 
 // DefaultLAN returns the LAN defaults with two heartbeat paths. The caller
@@ -189,7 +199,13 @@ func (c *Config) fill() {
 	if c.Failback.Max == 0 {
 		c.Failback.Max = 1
 	}
+	if c.LocalRecovery == 0 {
+		c.LocalRecovery = DefaultLocalRecovery
+	}
 }
+
+// localRecoveries is how many local recoveries a failure gets.
+func (c Config) localRecoveries() int { return max(c.LocalRecovery, 0) }
 
 // DetectTimeout is how long every path must be silent before the peer is
 // lost: HeartbeatInterval * MissCount.

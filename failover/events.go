@@ -110,6 +110,22 @@ type Handover struct {
 	Epoch uint64
 }
 
+// ResourceCheck is one check of the running resource chain (each
+// resource's monitor, LifeKeeper's quick check), in start order. The
+// runner steps it only while the chain is up and only if no start, stop
+// or recovery of the chain ran while it checked: an older check says
+// nothing about the chain as it is now.
+type ResourceCheck struct {
+	Resources []ResourceHealth
+}
+
+// ResourceHealth is one resource's check.
+type ResourceHealth struct {
+	Name string `json:"name"`
+	// Error is why the check failed ("": the resource looks alive).
+	Error string `json:"error,omitempty"`
+}
+
 // ActionResult reports how an action with an ID went. The runner reports
 // every such action exactly once.
 type ActionResult struct {
@@ -128,3 +144,4 @@ func (Deny) isEvent()           {}
 func (SetMaintenance) isEvent() {}
 func (Handover) isEvent()       {}
 func (ActionResult) isEvent()   {}
+func (ResourceCheck) isEvent()  {}

@@ -47,6 +47,7 @@ const (
 	opStop
 	opRelease
 	opPeerPromote
+	opRecover
 )
 
 type promoteKind uint8
@@ -135,7 +136,9 @@ type Machine struct {
 	demoting    ActionID
 	demoteRetry time.Time
 
-	sw             *switchover
+	sw *switchover
+	// rf is the current failure of a resource check (nil: none).
+	rf             *resourceFailure
 	failedOverFrom string
 	syncedSince    time.Time
 	fbKey          string
@@ -198,6 +201,8 @@ func (m *Machine) Step(e Event) []Action {
 		m.onHandover(e)
 	case ActionResult:
 		m.onResult(e)
+	case ResourceCheck:
+		m.onResourceCheck(e)
 	}
 	m.evaluate()
 	out := m.out
@@ -384,7 +389,7 @@ func (m *Machine) onResult(r ActionResult) {
 		if m.promoteKind != pkSwitchover {
 			m.failedOverFrom = m.cfg.Peer
 		}
-		m.syncedSince = time.Time{}
+		m.syncedSince, m.rf = time.Time{}, nil
 		m.reqAt = time.Time{} // register the new epoch with the witness now
 		id := m.id(opStart)
 		m.emit(StartResources{ID: id, Reason: "promoted"})
@@ -416,6 +421,8 @@ func (m *Machine) onResult(r ActionResult) {
 		if r.Err != nil {
 			m.record(KindDemote, false, fmt.Sprintf("resources failed to stop: %v", r.Err))
 		}
+	case opRecover:
+		m.recovered(r)
 	case opPeerPromote:
 		if r.Err != nil {
 			m.record(KindSwitchover, false, fmt.Sprintf("could not ask %s to promote: %v: no node is Primary; promote %s by hand", m.cfg.Peer, r.Err, m.cfg.Peer))
@@ -427,6 +434,7 @@ func (m *Machine) onResult(r ActionResult) {
 func (m *Machine) stepDown() {
 	m.role, m.fenced, m.forced, m.confirmed = RoleSecondary, false, false, false
 	m.failedOverFrom, m.syncedSince, m.claim = "", time.Time{}, false
+	m.rf = nil
 }
 
 // ---- evaluation ----

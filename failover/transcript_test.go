@@ -41,6 +41,20 @@ func TestTranscripts(t *testing.T) {
 			c.heal()
 			c.run(2 * time.Second)
 		}},
+		{"resource-failure", func(c *cluster) {
+			// Cured by a local recovery, then broken for good: the
+			// restart fails and a hands over to b.
+			c.run(2 * time.Second)
+			a := c.n[0]
+			a.resources = true // set up as Primary, its chain up
+			a.appFault = true
+			c.monitor(a)
+			c.run(500 * time.Millisecond)
+			c.monitor(a)
+			a.appFault, a.appBroken = true, true
+			c.monitor(a)
+			c.run(2 * time.Second)
+		}},
 		{"switchover", func(c *cluster) {
 			c.run(2 * time.Second)
 			c.step(c.n[0], Switchover{})

@@ -335,6 +335,32 @@ app/monitor) [ -e "$d/app-running" ] ;;
 esac
 `
 
+// unchainOnCleanup takes down whatever chainScript stack is up on nodes,
+// before the nodes are killed (this cleanup runs first). The stack lives
+// in the mount namespace `ip netns exec` gave mirrord, which nbdfuse keeps
+// alive: it must be unmounted while nbdfuse still answers. Killing nbdfuse
+// with the ext4 still mounted deadlocks in the kernel: the namespace's
+// teardown unmounts the file system, whose journal flush waits for the
+// exiting nbdfuse.
+func (l *lab) unchainOnCleanup(script string, nodes ...*labNode) {
+	t := l.t
+	t.Cleanup(func() {
+		for _, n := range nodes {
+			pid, err := os.ReadFile(filepath.Join(n.dir, "nbdfuse.pid"))
+			if err != nil {
+				continue
+			}
+			ns := []string{"-t", strings.TrimSpace(string(pid)), "-m", "--"}
+			if out, err := exec.Command("nsenter", append(ns, "umount", filepath.Join(n.dir, "mnt"))...).CombinedOutput(); err != nil {
+				t.Logf("cleanup: umount on %s: %v %s", n.name, err, out)
+			}
+			if out, err := exec.Command("nsenter", append(ns, script, "stop", "attach", n.dir)...).CombinedOutput(); err != nil {
+				t.Errorf("cleanup: detach on %s: %v %s", n.name, err, out)
+			}
+		}
+	})
+}
+
 // orderLog returns the lines of n's order.log.
 func orderLog(t *testing.T, n *labNode) []string {
 	t.Helper()
@@ -385,27 +411,7 @@ func TestFailoverResourceChainNetns(t *testing.T) {
     - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
     - {type: script, name: app, path: %[1]s, args: [app, "%%[1]s"], timeout: 10s}`, script, labFloating)
 	a, b := l.up("  monitor-interval: 200ms")
-	// Take down whatever chain is up, before the nodes are killed (this
-	// cleanup runs first). The stack lives in the mount namespace `ip netns
-	// exec` gave mirrord, which nbdfuse keeps alive: it must be unmounted
-	// while nbdfuse still answers. Killing nbdfuse with the ext4 still
-	// mounted deadlocks in the kernel: the namespace's teardown unmounts
-	// the file system, whose journal flush waits for the exiting nbdfuse.
-	t.Cleanup(func() {
-		for _, n := range []*labNode{a, b} {
-			pid, err := os.ReadFile(filepath.Join(n.dir, "nbdfuse.pid"))
-			if err != nil {
-				continue
-			}
-			ns := []string{"-t", strings.TrimSpace(string(pid)), "-m", "--"}
-			if out, err := exec.Command("nsenter", append(ns, "umount", filepath.Join(n.dir, "mnt"))...).CombinedOutput(); err != nil {
-				t.Logf("cleanup: umount on %s: %v %s", n.name, err, out)
-			}
-			if out, err := exec.Command("nsenter", append(ns, script, "stop", "attach", n.dir)...).CombinedOutput(); err != nil {
-				t.Errorf("cleanup: detach on %s: %v %s", n.name, err, out)
-			}
-		}
-	})
+	l.unchainOnCleanup(script, a, b)
 	waitFor(t, 30*time.Second, "a's chain started (app running)", func() bool {
 		_, err := os.Stat(filepath.Join(a.dir, "app-running"))
 		return err == nil
@@ -436,6 +442,10 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		}
 		return strings.Count(last, "=ok") == 4 && strings.HasSuffix(last, " app=ok")
 	})
+	// In maintenance mode the agent watches and never acts: the failed
+	// check is shown and what the agent would do recorded, but the app is
+	// not restarted (see failover_recovery_test.go for what it does).
+	a.must(t, "maintenance", "on")
 	if err := os.Remove(filepath.Join(a.dir, "app-running")); err != nil {
 		t.Fatal(err)
 	}
@@ -444,9 +454,14 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		return strings.Count(h, "=ok") == 3 && strings.Contains(h, " app=") && !strings.HasSuffix(h, " app=ok")
 	})
 	t.Logf("a's resources with the app gone: %s", health(a))
+	waitFor(t, 10*time.Second, "a recording what it would do in maintenance", func() bool {
+		return a.decided("resource", "maintenance: would restart app and the resources after it (local recovery 1 of 1)")
+	})
 	if err := os.WriteFile(filepath.Join(a.dir, "app-running"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, 10*time.Second, "a's app passing its check again", func() bool { return a.decided("resource", "resource app passes its check again") })
+	a.must(t, "maintenance", "off")
 
 	// Switchover a -> b: a stops in reverse, b starts in order.
 	evB := l.events(b)

@@ -178,6 +178,14 @@ func humanFailover(r *failoverView) string {
 	for _, h := range r.Resources {
 		fmt.Fprintf(&b, "    resource %s: %s\n", h.Name, orDash(h.Error))
 	}
+	if f := r.ResourceFailure; f != nil {
+		state := "no local recovery left: handing over or staying (see the decisions)"
+		if f.Recovering {
+			state = "local recovery running"
+		}
+		fmt.Fprintf(&b, "    RESOURCE FAILED: %s since %s: %s; local recoveries %d of %d; %s\n",
+			f.Resource, f.Since.Format(time.RFC3339), f.Error, f.Recoveries, f.MaxRecoveries, state)
+	}
 	n := len(r.Decisions)
 	for _, d := range r.Decisions[max(0, n-5):] {
 		acted := "did not act"
@@ -212,7 +220,18 @@ type failoverView struct {
 	Switchover  string      `json:"switchover,omitempty"`
 	// Resources is the last check of the running resource chain.
 	Resources []agent.Health `json:"resources,omitempty"`
-	Decisions []decisionView `json:"decisions"`
+	// ResourceFailure is a failed check being dealt with.
+	ResourceFailure *resourceFailureView `json:"resource_failure,omitempty"`
+	Decisions       []decisionView       `json:"decisions"`
+}
+
+type resourceFailureView struct {
+	Resource      string    `json:"resource"`
+	Error         string    `json:"error"`
+	Since         time.Time `json:"since"`
+	Recoveries    int       `json:"recoveries"`
+	MaxRecoveries int       `json:"max_recoveries"`
+	Recovering    bool      `json:"recovering"`
 }
 
 type quorumView struct {
@@ -270,6 +289,10 @@ func viewFailover(r agent.Report) *failoverView {
 			t := in.Deadline.UTC()
 			v.Intent.Deadline = &t
 		}
+	}
+	if f := r.ResourceFailure; f != nil {
+		v.ResourceFailure = &resourceFailureView{Resource: f.Resource, Error: f.Error, Since: f.Since.UTC(),
+			Recoveries: f.Recoveries, MaxRecoveries: f.MaxRecoveries, Recovering: f.Recovering}
 	}
 	for _, d := range r.History {
 		v.Decisions = append(v.Decisions, decisionJSON(d))

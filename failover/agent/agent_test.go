@@ -193,6 +193,18 @@ func (v nodeVoter) Close() error { return nil }
 type fakeResources struct {
 	started, stopped int
 	broken           string // what Monitor reports for "app" ("": healthy)
+	// restarts lists Restart's from arguments; a restart cures broken
+	// unless sticky.
+	restarts []string
+	sticky   bool
+}
+
+func (r *fakeResources) Restart(_ context.Context, from string) error {
+	r.restarts = append(r.restarts, from)
+	if !r.sticky {
+		r.broken = ""
+	}
+	return nil
 }
 
 func (r *fakeResources) Monitor(context.Context) []Health {
@@ -284,6 +296,9 @@ func (c *cluster) drain(n *testNode) {
 				a.handle(failover.ActionResult{ID: id, Err: err})
 			}
 			a.refreshLocal()
+			continue
+		case ck := <-a.checks:
+			a.checked(ck)
 			continue
 		default:
 		}
@@ -542,5 +557,69 @@ func TestAgentMonitorsRunningResources(t *testing.T) {
 	a.a.checkResources()
 	if h := a.a.Status().Resources; len(h) != 0 {
 		t.Fatalf("a stopped chain was checked: %+v", h)
+	}
+}
+
+// A failed check restarts the resource in place (local recovery); when
+// the restart does not cure it, the Primary hands over to its peer, which
+// starts the chain.
+func TestAgentLocalRecoveryThenHandover(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	if err := a.a.resources(true); err != nil {
+		t.Fatal(err)
+	}
+	a.res.broken = "exit status 1"
+	a.a.checkResources()
+	c.drain(a)
+	if strings.Join(a.res.restarts, " ") != "app" || a.res.broken != "" {
+		t.Fatalf("restarts %v, broken %q", a.res.restarts, a.res.broken)
+	}
+	if !hasDecision(a.a.Status(), failover.KindResource, true, "local recovery 1 of 1: resource app fails its check (exit status 1)") {
+		t.Fatalf("no local recovery recorded: %+v", a.a.Status().History)
+	}
+	a.a.checkResources()
+	c.drain(a)
+	if !hasDecision(a.a.Status(), failover.KindResource, false, "resource app passes its check again") || a.a.Status().ResourceFailure != nil {
+		t.Fatalf("recovery not seen: %+v", a.a.Status())
+	}
+
+	// Broken for good: one more restart, then the handover.
+	a.res.broken, a.res.sticky = "exit status 1", true
+	a.a.checkResources()
+	c.drain(a)
+	a.a.checkResources()
+	c.drain(a)
+	if len(a.res.restarts) != 2 || !hasDecision(a.a.Status(), failover.KindResource, true, "after 1 local recoveries: handing over to b") {
+		t.Fatalf("restarts %v; decisions %+v", a.res.restarts, a.a.Status().History)
+	}
+	c.run(time.Second, nil)
+	if !b.vol.writable() || a.vol.Role() != mirror.RoleSecondary || a.res.stopped != 1 || b.res.started != 1 {
+		t.Fatalf("after the handover: b writable %v, a %v, a stopped %d, b started %d", b.vol.writable(), a.vol.Role(), a.res.stopped, b.res.started)
+	}
+}
+
+// On exit a Primary stops its chain (once, in order with the agent's
+// actions), and no check starts it again; a Secondary's is left alone.
+func TestAgentStopResourcesOnExit(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	if err := a.a.resources(true); err != nil {
+		t.Fatal(err)
+	}
+	a.a.Start()
+	b.a.Start()
+	defer a.a.Close()
+	defer b.a.Close()
+	ctx := context.Background()
+	if err := b.a.StopResourcesOnExit(ctx); err != nil || b.res.stopped != 0 {
+		t.Fatalf("Secondary: %v, stopped %d", err, b.res.stopped)
+	}
+	if err := a.a.StopResourcesOnExit(ctx); err != nil || a.res.stopped != 1 {
+		t.Fatalf("Primary: %v, stopped %d", err, a.res.stopped)
+	}
+	a.a.checked(failover.ResourceCheck{Resources: []Health{{Name: "app", Error: "down"}}})
+	if err := a.a.restart("app"); !errors.Is(err, ErrClosed) || len(a.res.restarts) != 0 {
+		t.Fatalf("restart while exiting: %v, restarts %v", err, a.res.restarts)
 	}
 }
