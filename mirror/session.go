@@ -55,6 +55,11 @@ type session struct {
 	// oldest write the peer lacks.
 	lagq     []lagMark
 	lagFirst int
+
+	// spos is the async stream position of the last write frame
+	// sequenced (stream.go).
+	spos uint64
+
 	loops    sync.WaitGroup
 	failOnce sync.Once
 
@@ -77,6 +82,10 @@ type session struct {
 	// data, split-brain resolution), so no undo log: it would be as large
 	// as the volume.
 	fullSync bool
+	// Stream position of the last async write applied, and whether this
+	// disk is that prefix of the stream (stream.go); the receive loop's.
+	rstream, rpos uint64
+	rvalid        bool
 
 	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
@@ -139,6 +148,7 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	if l.cfg.Compress {
 		own.Flags |= wan.HelloZstd
 	}
+	own.Flags |= wan.HelloStream
 	if l.noOptional.Load() {
 		own.Flags &^= wan.HelloOptional
 	}
@@ -151,6 +161,13 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 		return nil, fmt.Errorf("handshake with %s: %w", c.RemoteAddr(), err)
 	}
 	s.peer = peer
+	primary := v.Role() == RolePrimary
+	var peerStream wan.StreamPos
+	if own.Flags&peer.Flags&wan.HelloStream != 0 {
+		if peerStream, err = wan.ExchangeStream(s.r, s.w, l.ownStream(primary)); err != nil {
+			return nil, fmt.Errorf("stream position exchange with %s: %w", c.RemoteAddr(), err)
+		}
+	}
 	if s.zstd = l.cfg.Compress && peer.Flags&wan.HelloZstd != 0; s.zstd {
 		s.r.EnableDecompression()
 	}
@@ -242,6 +259,7 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 		s.out.enableCompression(l.zstd)
 	}
 	s.repl = role
+	s.startStream(primary, peerStream, role)
 	s.lastRecv.Store(time.Now().UnixNano())
 	s.lastAck.Store(s.lastRecv.Load())
 	if role == ReplSyncSource {
@@ -391,6 +409,7 @@ func (s *session) teardown() {
 	s.lagq, s.lagFirst = nil, 0
 	vr := s.verify
 	s.qmu.Unlock()
+	s.endStream()
 	if j := l.journal; j != nil {
 		// Journaled writes set their bits when they were queued.
 		if err := j.detach(s); err != nil {
@@ -462,6 +481,7 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 			e.sent = time.Now()
 			s.tl[h.Seq] = e
 			if e.kind == entWrite && e.done == nil {
+				s.spos++
 				if e.written == 0 {
 					e.written = e.sent.UnixNano()
 				}
@@ -691,6 +711,8 @@ func (s *session) handle(f wan.Frame) error {
 		errno := uint32(0)
 		if err := s.v.syncData(); err != nil {
 			errno = 5
+		} else {
+			s.streamFlushed()
 		}
 		s.replyHeld(wan.Header{Type: wan.FrameAck, Seq: f.Seq, Errno: errno}, nil)
 	case wan.FrameResyncDone:
@@ -711,6 +733,8 @@ func (s *session) handle(f wan.Frame) error {
 		s.peerState(st)
 	case wan.FrameCatchUp:
 		return s.catchUpAnnounced(f)
+	case wan.FrameStream:
+		return s.streamAnnounced(f)
 	case wan.FrameBeacon:
 		if s.v.onBeacon != nil {
 			s.v.onBeacon(f.Payload)
@@ -806,6 +830,8 @@ func (s *session) applyRemote(f wan.Frame) error {
 		if err := v.setDisk(DiskInconsistent); err != nil {
 			return err
 		}
+		s.rvalid = false
+		s.l.voidApplied()
 		s.syncing.Store(true)
 		s.qmu.Lock()
 		if s.repl == ReplEstablished {
@@ -857,6 +883,9 @@ func (s *session) applyRemote(f wan.Frame) error {
 	err := v.applyRemote(o)
 	if errors.Is(err, ErrUndoFull) {
 		return s.pauseCatchUp(err)
+	}
+	if f.Flags&wan.FlagSync == 0 {
+		s.appliedStreamFrame(err)
 	}
 	s.ackApply(f.Seq, err, s.holdMode())
 	return nil

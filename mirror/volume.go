@@ -521,7 +521,12 @@ func (v *Volume) Close() error {
 	if v.meta != nil {
 		if err := v.al.persistAll(); err != nil {
 			errs = append(errs, err)
-		} else if err := v.meta.update(func(s *superblock) { s.flags |= flagClean }); err != nil {
+		} else if err := v.meta.update(func(s *superblock) {
+			s.flags |= flagClean
+			if v.link != nil && v.Role() != RolePrimary {
+				s.stream = v.link.appliedStream() // the data was synced above
+			}
+		}); err != nil {
 			errs = append(errs, err)
 		}
 		errs = append(errs, v.meta.close())

@@ -61,6 +61,31 @@ func TestGenerations(t *testing.T) {
 	}
 }
 
+func TestStreamPos(t *testing.T) {
+	for _, p := range []StreamPos{{}, {Stream: 1}, {Stream: math.MaxUint64, Pos: math.MaxUint64}} {
+		b := mustMarshal(t, p)
+		if len(b) != 16 {
+			t.Fatalf("%+v: %d bytes", p, len(b))
+		}
+		var got StreamPos
+		if err := got.UnmarshalBinary(b); err != nil || got != p {
+			t.Fatalf("round trip %+v: %+v, %v", p, got, err)
+		}
+	}
+	if _, err := (StreamPos{Pos: 7}).MarshalBinary(); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("marshal a position without a stream: %v", err)
+	}
+	kept := StreamPos{Stream: 3, Pos: 4}
+	bad := make([]byte, 16)
+	bad[15] = 7
+	for _, b := range [][]byte{bad, make([]byte, 15), make([]byte, 17), nil} {
+		got := kept
+		if err := got.UnmarshalBinary(b); !errors.Is(err, ErrMalformed) || got != kept {
+			t.Fatalf("%x: %v, left %+v", b, err, got)
+		}
+	}
+}
+
 func TestStateUpdate(t *testing.T) {
 	for _, s := range []StateUpdate{
 		{},
