@@ -503,11 +503,14 @@ func (l *link) replicate(o op) error {
 			return err
 		}
 	}
-	// No peer to ship to: the bitmap remembers, under a new generation.
+	// No peer to ship to: the bitmap remembers, under a new generation,
+	// and the journal too while it keeps the stream (replay.go).
 	if err := v.newGenerationIfNeeded(); err != nil {
 		return err
 	}
-	v.dirty.Set(o.off, o.n)
+	if l.journal == nil || !l.journal.appendDetached(o, l.warn) {
+		v.dirty.Set(o.off, o.n)
+	}
 	l.markBehind()
 	return v.apply(o)
 }

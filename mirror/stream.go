@@ -50,7 +50,18 @@ func (l *link) ownStream(primary bool) wan.StreamPos {
 	if l.stream.own.Stream == 0 {
 		l.stream.own = wan.StreamPos{Stream: newGeneration(), Pos: l.stream.own.Pos}
 	}
-	return l.stream.own
+	p := l.stream.own
+	if j := l.journal; j != nil {
+		p.Replay = j.replayOffer(p.Stream)
+	}
+	return p
+}
+
+// ownStreamID is the identifier of the stream this node ships (0: none yet).
+func (l *link) ownStreamID() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.stream.own.Stream
 }
 
 // newStream forgets this node's stream positions: it is being promoted, so
@@ -144,7 +155,7 @@ func (s *session) streamAnnounced(f wan.Frame) error {
 // Primary and ships a new stream. It runs before the role changes, so no
 // write of ours is numbered yet.
 func (s *session) announceStream() {
-	if s.peer.Flags&wan.HelloStream == 0 || s.l.noOptional.Load() {
+	if !s.streamed {
 		return
 	}
 	s.qmu.Lock()

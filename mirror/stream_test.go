@@ -89,20 +89,19 @@ func TestStreamPositionAcrossReconnectAndRestart(t *testing.T) {
 		t.Fatalf("Primary's stream %+v, want position 90 of %x", got, stream)
 	}
 
-	// Writes while cut off reach the peer by a resync: no position then,
-	// and after it the peer equals the Primary as of its last shipped write.
+	// Writes while cut off are journaled and replayed: they count.
 	fault.setCut(true)
 	waitFor(t, "disconnect", func() bool { return a.v.link.current() == nil })
 	writeStamped(t, a.v, 90, 95)
 	fault.setCut(false)
-	waitFor(t, "resync", func() bool { return established(a.v) && established(b.v) })
-	if got := a.v.link.peerStream(); got != (wan.StreamPos{Stream: stream, Pos: 90}) {
-		t.Fatalf("before the resync the peer reports %+v", got)
+	waitFor(t, "replay", func() bool { return established(a.v) && established(b.v) })
+	if got := a.v.link.peerStream(); got.Stream != stream || got.Pos != 90 {
+		t.Fatalf("before the replay the peer reports %+v", got)
 	}
 	settled(t, a)
 	reconnect(t, a, b, fault)
-	if got := a.v.link.peerStream(); got != (wan.StreamPos{Stream: stream, Pos: 90}) {
-		t.Fatalf("after the resync the peer reports %+v, want position 90", got)
+	if got := a.v.link.peerStream(); got != (wan.StreamPos{Stream: stream, Pos: 95}) {
+		t.Fatalf("after the replay the peer reports %+v, want position 95", got)
 	}
 	assertIdentical(t, a, b)
 

@@ -110,7 +110,7 @@ func FuzzStateUpdate(f *testing.F) {
 
 // FuzzStreamPos: as FuzzHello, for StreamPos.
 func FuzzStreamPos(f *testing.F) {
-	f.Add(mustMarshal(f, StreamPos{Stream: 0x5eed, Pos: 1 << 33}))
+	f.Add(mustMarshal(f, StreamPos{Stream: 0x5eed, Pos: 1 << 33, Replay: 1 << 32}))
 	f.Add(mustMarshal(f, StreamPos{}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var p StreamPos

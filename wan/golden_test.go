@@ -64,7 +64,7 @@ func TestGoldenCatchUp(t *testing.T) {
 // TestGoldenStream: the whole FrameStream, header and payload.
 func TestGoldenStream(t *testing.T) {
 	want := readHex(t, "stream.hex")
-	f := Frame{Header{Type: FrameStream, Length: 16}, mustMarshal(t, StreamPos{Stream: 0x5eed0000cafe0001, Pos: 1000})}
+	f := Frame{Header{Type: FrameStream, Length: 24}, mustMarshal(t, StreamPos{Stream: 0x5eed0000cafe0001, Pos: 1000, Replay: 901})}
 	if got := encode(t, f); !bytes.Equal(got, want) {
 		t.Fatalf("Stream frame encodes as\n%x\nwant\n%x", got, want)
 	}

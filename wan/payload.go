@@ -13,7 +13,7 @@ const (
 	digestSize      = 8 + DigestSize
 	generationsSize = 32
 	stateUpdateSize = 2 + generationsSize
-	streamPosSize   = 16
+	streamPosSize   = 24
 	helloFixedSize  = 102 // Hello v1 without its two strings
 	maxName         = 255
 )
@@ -143,31 +143,47 @@ func (s *StateUpdate) UnmarshalBinary(p []byte) error {
 // each time a node becomes Primary; 0: no position), Pos a count of the
 // write and zero frames it has shipped. A Primary sends the last position it
 // shipped; a Secondary the last it applied, whose disk then holds exactly
-// the stream's first Pos writes. On the wire, 16 bytes: stream u64 | pos
-// u64.
+// the stream's first Pos writes. A Primary that kept the unacknowledged
+// part of its stream across a disconnect sets Replay: it can bring a peer
+// holding any position from Replay-1 to Pos up to date by sending the
+// rest of the stream (0: it cannot). On the wire, 24 bytes: stream u64 |
+// pos u64 | replay u64.
 type StreamPos struct {
 	Stream, Pos uint64
+	Replay      uint64
 }
 
-// MarshalBinary encodes p; a position without a stream is ErrMalformed.
+func (p StreamPos) check() error {
+	switch {
+	case p.Stream == 0 && (p.Pos != 0 || p.Replay != 0):
+		return fmt.Errorf("%w: stream position %d (replay %d) without a stream", ErrMalformed, p.Pos, p.Replay)
+	case p.Replay > 0 && p.Replay-1 > p.Pos:
+		return fmt.Errorf("%w: replay from %d past position %d", ErrMalformed, p.Replay, p.Pos)
+	}
+	return nil
+}
+
+// MarshalBinary encodes p; a position without a stream, or a replay past
+// the position, is ErrMalformed.
 func (p StreamPos) MarshalBinary() ([]byte, error) {
-	if p.Stream == 0 && p.Pos != 0 {
-		return nil, fmt.Errorf("%w: stream position %d without a stream", ErrMalformed, p.Pos)
+	if err := p.check(); err != nil {
+		return nil, err
 	}
 	b := make([]byte, streamPosSize)
 	binary.BigEndian.PutUint64(b, p.Stream)
 	binary.BigEndian.PutUint64(b[8:], p.Pos)
+	binary.BigEndian.PutUint64(b[16:], p.Replay)
 	return b, nil
 }
 
-// UnmarshalBinary decodes exactly 16 bytes; on error p is unchanged.
+// UnmarshalBinary decodes exactly 24 bytes; on error p is unchanged.
 func (p *StreamPos) UnmarshalBinary(b []byte) error {
 	if len(b) != streamPosSize {
 		return fmt.Errorf("%w: stream position of %d bytes, want %d", ErrMalformed, len(b), streamPosSize)
 	}
-	x := StreamPos{Stream: binary.BigEndian.Uint64(b), Pos: binary.BigEndian.Uint64(b[8:])}
-	if x.Stream == 0 && x.Pos != 0 {
-		return fmt.Errorf("%w: stream position %d without a stream", ErrMalformed, x.Pos)
+	x := StreamPos{Stream: binary.BigEndian.Uint64(b), Pos: binary.BigEndian.Uint64(b[8:]), Replay: binary.BigEndian.Uint64(b[16:])}
+	if err := x.check(); err != nil {
+		return err
 	}
 	*p = x
 	return nil

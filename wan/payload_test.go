@@ -62,9 +62,9 @@ func TestGenerations(t *testing.T) {
 }
 
 func TestStreamPos(t *testing.T) {
-	for _, p := range []StreamPos{{}, {Stream: 1}, {Stream: math.MaxUint64, Pos: math.MaxUint64}} {
+	for _, p := range []StreamPos{{}, {Stream: 1}, {Stream: 1, Replay: 1}, {Stream: 2, Pos: 9, Replay: 4}, {Stream: math.MaxUint64, Pos: math.MaxUint64, Replay: math.MaxUint64}} {
 		b := mustMarshal(t, p)
-		if len(b) != 16 {
+		if len(b) != 24 {
 			t.Fatalf("%+v: %d bytes", p, len(b))
 		}
 		var got StreamPos
@@ -72,13 +72,17 @@ func TestStreamPos(t *testing.T) {
 			t.Fatalf("round trip %+v: %+v, %v", p, got, err)
 		}
 	}
-	if _, err := (StreamPos{Pos: 7}).MarshalBinary(); !errors.Is(err, ErrMalformed) {
-		t.Fatalf("marshal a position without a stream: %v", err)
+	for _, p := range []StreamPos{{Pos: 7}, {Replay: 1}, {Stream: 1, Pos: 3, Replay: 5}} {
+		if _, err := p.MarshalBinary(); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("marshal %+v: %v", p, err)
+		}
 	}
 	kept := StreamPos{Stream: 3, Pos: 4}
-	bad := make([]byte, 16)
+	bad := make([]byte, 24)
 	bad[15] = 7
-	for _, b := range [][]byte{bad, make([]byte, 15), make([]byte, 17), nil} {
+	past := mustMarshal(t, StreamPos{Stream: 1, Pos: 3, Replay: 4})
+	past[23] = 5
+	for _, b := range [][]byte{bad, past, make([]byte, 23), make([]byte, 25), nil} {
 		got := kept
 		if err := got.UnmarshalBinary(b); !errors.Is(err, ErrMalformed) || got != kept {
 			t.Fatalf("%x: %v, left %+v", b, err, got)
