@@ -137,7 +137,7 @@ type superblock struct {
 	flags      uint32
 	gen        Generations
 	// stream is a Secondary's position in its Primary's async stream
-	// (stream.go), persisted at flush points. It sits after the base
+	// (stream.go), kept at an orderly close. It sits after the base
 	// layout's checksum with its own, so older builds ignore it and a
 	// superblock they wrote reads as no position.
 	stream wan.StreamPos

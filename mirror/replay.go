@@ -84,10 +84,10 @@ func (j *journal) retain(s *session, stream, shipped uint64, sent map[uint64]uin
 	if j.owner != s || stream == 0 {
 		return false
 	}
-	low := shipped + 1 // the lowest position the peer may lack
-	if maxDirect != 0 {
-		low = min(low, maxDirect)
-	}
+	// Acknowledgements come in stream order: positions below the lowest
+	// unacknowledged one are the peer's; a peer must hold the window's own
+	// writes too, whose bytes are gone.
+	low := shipped + 1
 	for i := j.first; i < len(j.ents); i++ {
 		e := &j.ents[i]
 		e.spos = sent[e.seq] // 0: not on the wire
@@ -99,7 +99,7 @@ func (j *journal) retain(s *session, stream, shipped uint64, sent map[uint64]uin
 		}
 		e.epoch = 0
 	}
-	from := max(low-1, maxDirect)
+	from := max(low-1, maxDirect) // the lowest peer position the records continue
 	j.retained = &retainedStream{stream: stream, pos: shipped, from: from, direct: direct}
 	j.owner = nil
 	j.sent = 0

@@ -96,3 +96,37 @@ func TestReplayGapFoldsToBitmap(t *testing.T) {
 		t.Fatalf("after the catch-up the peer reports %+v, the Primary is at %+v", got, own)
 	}
 }
+
+// TestReplayResumesAfterTargetRestart: the Secondary is restarted in the
+// middle of a replay; it names the position it had reached, and the
+// replay goes on from there: still no resync, a prefix throughout.
+func TestReplayResumesAfterTargetRestart(t *testing.T) {
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(64<<10, 16<<20)})
+	fault.slow.Store(rate.NewLimiter(2<<20, 64<<10))
+	writeStamped(t, a.v, 0, 1000)
+	fault.setCut(true)
+	waitFor(t, "disconnect", func() bool { return a.v.link.current() == nil && b.v.link.current() == nil })
+	writeStamped(t, a.v, 1000, 1500)
+	resyncBefore := a.v.link.stats.resyncBytes.Load()
+	fault.setCut(false)
+	read := fileReader(t, filepath.Join(b.dir, "disk.img"))
+	var mid int
+	waitFor(t, "the replay under way", func() bool {
+		mid = prefixLen(t, read, 1500)
+		return established(b.v) && mid > 1000 && mid < 1400
+	})
+	restart(t, b, false)
+	if got := b.v.link.appliedStream(); got.Stream == 0 || got.Pos == 0 {
+		t.Fatalf("restarted Secondary holds no position: %+v", got)
+	}
+	fault.slow.Store(nil)
+	watchPrefix(t, a, b, 1500)
+	if got := a.v.link.stats.resyncBytes.Load() - resyncBefore; got != 0 {
+		t.Fatalf("resync sent %d bytes", got)
+	}
+	if n := a.v.link.journal.status().Replays; n != 2 {
+		t.Fatalf("%d replays, want 2 (the reconnect, then the restart)", n)
+	}
+	assertIdentical(t, a, b)
+	t.Logf("restarted the Secondary at block %d of the replay", mid)
+}

@@ -751,8 +751,6 @@ func (s *session) handle(f wan.Frame) error {
 		errno := uint32(0)
 		if err := s.v.syncData(); err != nil {
 			errno = 5
-		} else {
-			s.streamFlushed()
 		}
 		s.replyHeld(wan.Header{Type: wan.FrameAck, Seq: f.Seq, Errno: errno}, nil)
 	case wan.FrameResyncDone:

@@ -1,19 +1,19 @@
 package mirror
 
-import (
-	"time"
-
-	"github.com/mirrord/mirrord/wan"
-)
+import "github.com/mirrord/mirrord/wan"
 
 // Stream positions. A Primary numbers the write and zero frames it ships
 // in async mode, 1, 2, ... in wire order, under a stream identifier that
 // is fresh each time a node becomes Primary (wan.StreamPos). The Secondary
 // applies them in that order, so while its disk is a prefix of the stream
 // it knows exactly how much: the position of the last frame it applied.
-// It keeps that across sessions in memory and, at flush points (the data
-// made durable first), in its metadata, so that after a restart it names
-// a position its disk durably holds.
+// It keeps that across sessions in memory and, at an orderly close (the
+// data synced first), in its metadata, so that after a restart it names
+// the position its disk holds. After a crash it names none: the disk may
+// hold writes past any position it could have kept (applied, not yet
+// recorded), and a replay from an older position would write older
+// versions over them, leaving the disk no prefix of the stream until the
+// replay caught up.
 //
 // Both sides tell each other their position right after the handshake
 // (wan.HelloStream, FrameStream): the Primary its last shipped, the
@@ -30,14 +30,7 @@ type streamState struct {
 	own     wan.StreamPos // as Primary: the stream shipped, Pos the last position (Stream 0 until the first use)
 	applied wan.StreamPos // as Secondary: what this disk holds of its Primary's stream
 	peer    wan.StreamPos // what the peer reported at the last connect
-	persist time.Time     // when applied was last written to the metadata
 }
-
-// streamPersistEvery bounds the metadata writes a Secondary spends on its
-// position: one synced superblock per flush would double the cost of a
-// flush on the target. An older persisted position is still true (the
-// disk holds at least that prefix), only less of a replay is skipped.
-const streamPersistEvery = time.Second
 
 // ownStream is what this node reports on connect: its stream as Primary
 // (given an identifier on first use), else the position it has applied.
@@ -184,29 +177,6 @@ func (s *session) appliedStreamFrame(err error) {
 		return
 	}
 	s.rpos++
-}
-
-// streamFlushed runs on the Secondary after a flush made its disk
-// durable: the position reached is now safe to persist.
-func (s *session) streamFlushed() {
-	if !s.rvalid {
-		return
-	}
-	pos := wan.StreamPos{Stream: s.rstream, Pos: s.rpos}
-	l := s.l
-	l.mu.Lock()
-	l.stream.applied = pos
-	due := time.Since(l.stream.persist) >= streamPersistEvery
-	if due {
-		l.stream.persist = time.Now()
-	}
-	l.mu.Unlock()
-	if !due {
-		return
-	}
-	if err := s.v.meta.update(func(sb *superblock) { sb.stream = pos }); err != nil {
-		l.log.Error().Err(err).Msg("persist stream position")
-	}
 }
 
 // endStream keeps the session's positions on the link for the next one.

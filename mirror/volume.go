@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/wan"
 )
 
 // Errors a Volume returns. Each wraps the errno the NBD server sends.
@@ -212,6 +213,13 @@ func (v *Volume) openMeta(opts Options, created bool) error {
 		s.flags &^= flagClean
 		s.disk = disk
 		s.role = RoleSecondary
+		if !clean {
+			// After a crash the disk may hold writes past the position
+			// kept at the last close; a replay from there would apply
+			// them again, older versions over newer, and leave it no
+			// prefix until it caught up (stream.go).
+			s.stream = wan.StreamPos{}
+		}
 	})
 	if err != nil {
 		return err
