@@ -139,7 +139,7 @@ func (m *Machine) resourceFailed() {
 	if m.fenced {
 		_, why, _ := m.fenceReason()
 		if rf.down {
-			m.note("resource", "fenced", KindResource, false, fmt.Sprintf("%s: this node is fenced (%s): the resources are started again once it is not (the next try in %v), no handover", failed, why, m.cfg.StartRetryInterval))
+			m.note("resource", "fenced", KindResource, false, fmt.Sprintf("%s: this node is fenced (%s): the resources are started again once it is not, no handover", failed, why))
 			return
 		}
 		m.note("resource", "fenced", KindResource, false, failed+": this node is fenced ("+why+"): no local recovery (a stop would wait on held writes) and no handover")
@@ -278,14 +278,20 @@ func (m *Machine) startFailed(err error) {
 	m.resourceFailed()
 }
 
-// retryStart starts a chain that is down again once its retry is due.
+// retryStart starts a chain that is down again once its retry is due;
+// a local recovery that was put off (the start failed while the node was
+// fenced, as a freshly promoted one is until the witness records its peer
+// outdated) runs as soon as the node may act.
 func (m *Machine) retryStart() {
 	rf := m.rf
-	if rf == nil || !rf.down || rf.recovering != 0 || rf.retryAt.IsZero() || m.now.Before(rf.retryAt) || m.fenced || m.resourceBusy() != "" {
+	if rf == nil || !rf.down || rf.recovering != 0 || rf.retryAt.IsZero() || m.fenced || m.resourceBusy() != "" {
 		return
 	}
 	if rf.attempts < m.cfg.localRecoveries() {
-		m.resourceFailed() // a local recovery was put off (the node was fenced, say)
+		m.resourceFailed()
+		return
+	}
+	if m.now.Before(rf.retryAt) {
 		return
 	}
 	if !m.auto("resource", "retry", KindResource, "start the resources again: "+rf.desc()) {
