@@ -169,6 +169,12 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 	if f.MonitorInterval < 0 {
 		bad("failover.monitor-interval", "must not be negative (0: never check)")
 	}
+	if f.MonitorInterval > 0 {
+		// A chain that failed to start is started again at the pace at
+		// which a running one is checked (with checks off, at the
+		// machine's default).
+		mc.StartRetryInterval = f.MonitorInterval
+	}
 	switch {
 	case f.LocalRecovery < 0:
 		bad("failover.local-recovery", "must not be negative (0: no local recovery, hand over at once)")

@@ -118,6 +118,9 @@ func TestFailoverResourceKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 		mc := c.machineConfig(func(key, format string, a ...any) { t.Fatalf("%s: "+format, append([]any{key}, a...)...) })
+		if mc.StartRetryInterval != agent.DefaultMonitorInterval || mc.HandoverHold != failover.DefaultHandoverHold {
+			t.Errorf("%v: machine StartRetryInterval %v, HandoverHold %v: want the monitor interval and the default hold", tc.set, mc.StartRetryInterval, mc.HandoverHold)
+		}
 		if mc.LocalRecovery != tc.machine || c.Failover.StopResourcesOnExit != tc.onExit {
 			t.Errorf("%v: machine LocalRecovery %d (want %d), stop-resources-on-exit %v (want %v)", tc.set, mc.LocalRecovery, tc.machine, c.Failover.StopResourcesOnExit, tc.onExit)
 		}

@@ -246,11 +246,6 @@ func New(cfg Config, vol Volume, paths []Path) (*Agent, error) {
 	}
 	mc := cfg.Machine
 	mc.Witness = cfg.Voter != nil
-	if mc.StartRetryInterval == 0 && cfg.MonitorInterval > 0 {
-		// A chain that failed to start is retried at the pace at which
-		// a running one is checked.
-		mc.StartRetryInterval = cfg.MonitorInterval
-	}
 	cfg.Machine = mc
 	if len(cfg.Secret) == 0 {
 		return nil, fmt.Errorf("%w: Secret: empty", failover.ErrConfig)
