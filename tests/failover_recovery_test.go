@@ -31,6 +31,21 @@ monitor) [ -e "$d/$role-running" ] || { echo "$role is not running"; exit 1; } ;
 esac
 `
 
+// appChain sets the lab's resources: the floating IP, then one appScript
+// resource per role, in order.
+func (l *lab) appChain(roles ...string) {
+	l.t.Helper()
+	script := filepath.Join(l.dir, "res.sh")
+	if err := os.WriteFile(script, []byte(appScript), 0o755); err != nil {
+		l.t.Fatal(err)
+	}
+	res := fmt.Sprintf("    - {type: ip, address: %s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}", labFloating)
+	for _, r := range roles {
+		res += fmt.Sprintf("\n    - {type: script, name: %[2]s, path: %[1]s, args: [%[2]s, \"%%[1]s\"], timeout: 10s}", script, r)
+	}
+	l.resources = res
+}
+
 func running(n *labNode, role string) bool {
 	_, err := os.Stat(filepath.Join(n.dir, role+"-running"))
 	return err == nil
@@ -44,13 +59,7 @@ func running(n *labNode, role string) bool {
 // switchover would, and clients reach it at the floating IP on b.
 func TestFailoverResourceRecoveryNetns(t *testing.T) {
 	l := newLab(t)
-	script := filepath.Join(l.dir, "res.sh")
-	if err := os.WriteFile(script, []byte(appScript), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	l.resources = fmt.Sprintf(`    - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
-    - {type: script, name: app, path: %[1]s, args: [app, "%%[1]s"], timeout: 10s}
-    - {type: script, name: tail, path: %[1]s, args: [tail, "%%[1]s"], timeout: 10s}`, script, labFloating)
+	l.appChain("app", "tail")
 	a, b := l.up("  monitor-interval: 200ms")
 	waitFor(t, 30*time.Second, "a's chain up", func() bool { return running(a, "app") && running(a, "tail") && hasFloatingIP(l, a) })
 	w := &writer{l: l, acked: map[uint64][]byte{}}
@@ -136,12 +145,7 @@ func TestFailoverResourceRecoveryNetns(t *testing.T) {
 // write there.
 func TestFailoverStartFailureRetriedNetns(t *testing.T) {
 	l := newLab(t)
-	script := filepath.Join(l.dir, "res.sh")
-	if err := os.WriteFile(script, []byte(appScript), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	l.resources = fmt.Sprintf(`    - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
-    - {type: script, name: app, path: %[1]s, args: [app, "%%[1]s"], timeout: 10s}`, script, labFloating)
+	l.appChain("app")
 	const retryEvery = time.Second
 	a, b := l.up(fmt.Sprintf("  monitor-interval: %v", retryEvery))
 	waitFor(t, 30*time.Second, "a's chain up", func() bool { return running(a, "app") && hasFloatingIP(l, a) })
