@@ -78,6 +78,8 @@ type switchover struct {
 	id       ActionID
 	why      string
 	stopped  bool // resources were stopped: an abort restarts them
+	// resource: a handover for a failed resource (see Config.HandoverHold).
+	resource bool
 }
 
 // Machine is the failover agent's decision core. It is not safe for

@@ -189,9 +189,13 @@ func (m *Machine) resourceFailed() {
 	if !m.auto("resource", "handover", KindResource, "hand over to "+peer+": "+cause) {
 		return
 	}
-	m.gaveUpAt, rf.retryAt = m.now, time.Time{}
 	m.recordTopic("resource", "handover", KindResource, true, cause+": handing over to "+peer+" (a switchover: stop resources, drain, demote, "+peer+" promotes)")
-	m.startSwitchover("resource " + rf.name + " failed")
+	if m.startSwitchover("resource " + rf.name + " failed") {
+		// Remembered once the service has moved (finishSwitchover): an
+		// aborted handover moved nothing. A chain that is down keeps its
+		// retry for that case.
+		m.sw.resource = true
+	}
 }
 
 // handoverBlocker says why the peer cannot take over without losing a

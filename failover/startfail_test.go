@@ -242,3 +242,29 @@ func TestStartFailureBouncesOnce(t *testing.T) {
 		c.fail("a's chain not up after the cause went away")
 	}
 }
+
+// A handover that aborts moved nothing: it is not remembered, and the
+// next failed check may hand over again.
+func TestAbortedHandoverNotRemembered(t *testing.T) {
+	h := servingPrimary(t, nil)
+	h.holdStop = true
+	rr, _ := find[RecoverResources](h.step(check("app")))
+	h.step(ActionResult{ID: rr.ID})
+	st, ok := find[StopResources](h.step(check("app")))
+	if !ok {
+		t.Fatal(h.decisions())
+	}
+	// The target falls behind while the resources stop: the drain times
+	// out and the switchover aborts, restarting the resources.
+	lagging := LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate, LagBytes: 4096}
+	h.local(lagging)
+	h.step(ActionResult{ID: st.ID})
+	h.steady(secondaryB, h.now.Sub(t0)+h.m.cfg.SwitchoverTimeout+time.Second)
+	if !h.recorded("switchover aborted: target not in sync") || h.m.Status().Switchover != "" {
+		t.Fatalf("no abort\n%s", h.decisions())
+	}
+	h.local(LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate})
+	if acts := h.step(check("app")); !has[StopResources](acts) || h.recorded("no second such handover") {
+		t.Fatalf("no second handover after an aborted one: %v\n%s", resourceKinds(acts), h.decisions())
+	}
+}
