@@ -126,6 +126,17 @@ type ResourceHealth struct {
 	Error string `json:"error,omitempty"`
 }
 
+// ResourceStartFailed: the runner started the resource chain outside the
+// machine (the operator promoted the volume directly) and the start
+// failed and rolled back. The machine takes it as a failed start of its
+// own StartResources: local recovery, then a handover or retries.
+type ResourceStartFailed struct{ Err error }
+
+// ResourceNamer is an error that names the resource at fault (the
+// resource chain's start error does); the machine's decisions and status
+// then name that resource rather than the whole chain.
+type ResourceNamer interface{ FailedResource() string }
+
 // ActionResult reports how an action with an ID went. The runner reports
 // every such action exactly once.
 type ActionResult struct {
@@ -133,15 +144,16 @@ type ActionResult struct {
 	Err error
 }
 
-func (Tick) isEvent()           {}
-func (Heartbeat) isEvent()      {}
-func (WitnessVote) isEvent()    {}
-func (LocalState) isEvent()     {}
-func (Switchover) isEvent()     {}
-func (ForcePromote) isEvent()   {}
-func (Confirm) isEvent()        {}
-func (Deny) isEvent()           {}
-func (SetMaintenance) isEvent() {}
-func (Handover) isEvent()       {}
-func (ActionResult) isEvent()   {}
-func (ResourceCheck) isEvent()  {}
+func (Tick) isEvent()                {}
+func (Heartbeat) isEvent()           {}
+func (WitnessVote) isEvent()         {}
+func (LocalState) isEvent()          {}
+func (Switchover) isEvent()          {}
+func (ForcePromote) isEvent()        {}
+func (Confirm) isEvent()             {}
+func (Deny) isEvent()                {}
+func (SetMaintenance) isEvent()      {}
+func (Handover) isEvent()            {}
+func (ActionResult) isEvent()        {}
+func (ResourceCheck) isEvent()       {}
+func (ResourceStartFailed) isEvent() {}

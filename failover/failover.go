@@ -118,6 +118,10 @@
 //     restart of the chain); carry out RecoverResources by restarting the
 //     named resource and those after it. The machine decides between
 //     local recovery and a handover to the peer (see recovery.go).
+//   - Report a failed start of the chain as StartResources' error (one
+//     that names the resource, a ResourceNamer, for status), and one made
+//     outside the machine (an operator's promotion) as ResourceStartFailed:
+//     the machine starts it again, hands over or retries.
 package failover
 
 import (

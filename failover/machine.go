@@ -78,6 +78,8 @@ type switchover struct {
 	id       ActionID
 	why      string
 	stopped  bool // resources were stopped: an abort restarts them
+	// resource: a handover for a failed resource (see Config.HandoverHold).
+	resource bool
 }
 
 // Machine is the failover agent's decision core. It is not safe for
@@ -137,8 +139,11 @@ type Machine struct {
 	demoteRetry time.Time
 
 	sw *switchover
-	// rf is the current failure of a resource check (nil: none).
-	rf             *resourceFailure
+	// rf is the current failure of a resource check or start (nil: none).
+	rf *resourceFailure
+	// gaveUpAt is when this node last handed the service over because of
+	// a resource failure (zero: never); see Config.HandoverHold.
+	gaveUpAt       time.Time
 	failedOverFrom string
 	syncedSince    time.Time
 	fbKey          string
@@ -203,6 +208,9 @@ func (m *Machine) Step(e Event) []Action {
 		m.onResult(e)
 	case ResourceCheck:
 		m.onResourceCheck(e)
+	case ResourceStartFailed:
+		m.record(KindPromote, false, fmt.Sprintf("resources failed to start after the operator's promotion: %v", e.Err))
+		m.startFailed(e.Err)
 	}
 	m.evaluate()
 	out := m.out
@@ -263,7 +271,7 @@ func (m *Machine) jump(t time.Time, d time.Duration) {
 		// instant ago in real time: clamp it. Evidence is never stretched
 		// (a backward jump never shortens a timeout) and deadlines keep
 		// their remaining time.
-		for _, x := range []*time.Time{&m.start, &m.peerAt, &m.voteAt, &m.lapsedAt, &m.reqAt, &m.fencedAt, &m.lostAt, &m.syncedSince, &m.claimAt} {
+		for _, x := range []*time.Time{&m.start, &m.peerAt, &m.voteAt, &m.lapsedAt, &m.reqAt, &m.fencedAt, &m.lostAt, &m.syncedSince, &m.claimAt, &m.gaveUpAt} {
 			*x = earlier(*x, t)
 		}
 	}
@@ -283,6 +291,9 @@ func (m *Machine) jump(t time.Time, d time.Duration) {
 	}
 	shift(&m.retryAt)
 	shift(&m.demoteRetry)
+	if m.rf != nil {
+		shift(&m.rf.retryAt)
+	}
 	dir, abs := "forward", d
 	if d < 0 {
 		dir, abs = "backward", -d
@@ -353,6 +364,9 @@ func (m *Machine) onLocal(s LocalState) {
 	if !m.isPending(opPromote) && !m.isPending(opDemote) {
 		m.role = s.Role
 	}
+	if m.role != RolePrimary {
+		m.rf = nil // demoted by hand: a Secondary runs no resources
+	}
 	if !m.isPending(opFence) && !m.isPending(opUnfence) && m.sw == nil {
 		if s.Fenced && (!m.fenced || first) {
 			m.fencedAt = m.now
@@ -414,9 +428,7 @@ func (m *Machine) onResult(r ActionResult) {
 			m.record(KindFence, false, fmt.Sprintf("unfence failed: %v; still fenced", r.Err))
 		}
 	case opStart:
-		if r.Err != nil {
-			m.record(KindPromote, false, fmt.Sprintf("resources failed to start: %v", r.Err))
-		}
+		m.started(r)
 	case opStop:
 		if r.Err != nil {
 			m.record(KindDemote, false, fmt.Sprintf("resources failed to stop: %v", r.Err))

@@ -19,6 +19,9 @@ type harness struct {
 	// holdStop leaves StopResources unanswered (a slow stop): the test
 	// steps its result.
 	holdStop bool
+	// startErr, if set, is the result of every StartResources (a chain
+	// that fails to start).
+	startErr error
 }
 
 func newHarness(t *testing.T, node, peer string, tune func(*Config)) *harness {
@@ -59,7 +62,7 @@ func (h *harness) step(e Event) []Action {
 		case Unfence:
 			more = append(more, h.step(ActionResult{ID: a.ID})...)
 		case StartResources:
-			more = append(more, h.step(ActionResult{ID: a.ID})...)
+			more = append(more, h.step(ActionResult{ID: a.ID, Err: h.startErr})...)
 		case StopResources:
 			if !h.holdStop {
 				more = append(more, h.step(ActionResult{ID: a.ID})...)

@@ -93,6 +93,7 @@ func (m *Machine) primary() {
 		m.confirmed = true
 		m.noteServing()
 	}
+	m.retryStart()
 	m.failback()
 }
 

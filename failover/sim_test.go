@@ -65,10 +65,12 @@ type simNode struct {
 	// appFault: the resource "app" fails its check; appBroken: and a
 	// restart does not cure it.
 	appFault, appBroken bool
-	chain               int    // writes applied
-	hash                uint64 // lineage: hash of every write applied
-	resyncing           bool
-	resyncInc           int
+	// startBroken: the chain fails to start (app refuses) and rolls back.
+	startBroken bool
+	chain       int    // writes applied
+	hash        uint64 // lineage: hash of every write applied
+	resyncing   bool
+	resyncInc   int
 
 	offset  time.Duration // local clock = simulated time + offset
 	phase   time.Duration // tick phase
@@ -330,8 +332,12 @@ func (c *cluster) apply(n *simNode, acts []Action) {
 			n.fenced = false
 			ok(a.ID, nil)
 		case StartResources:
-			n.resources = true
-			ok(a.ID, nil)
+			var err error
+			if n.startBroken {
+				err = startError{"app", "start app: exit status 3; rolled back ip"}
+			}
+			n.resources = err == nil
+			ok(a.ID, err)
 		case StopResources:
 			n.resources = false
 			ok(a.ID, nil)

@@ -55,6 +55,18 @@ func TestTranscripts(t *testing.T) {
 			c.monitor(a)
 			c.run(2 * time.Second)
 		}},
+		{"start-failure", func(c *cluster) {
+			// b takes over a dead a, but its chain fails to start:
+			// one more try (the local recovery), then b stays Primary
+			// and retries every 10 s; once a is back in sync, b's next
+			// failed retry hands the service to a, whose chain starts.
+			c.run(2 * time.Second)
+			c.n[1].startBroken = true
+			c.crash(c.n[0])
+			c.run(5 * time.Second)
+			c.restart(c.n[0])
+			c.run(15 * time.Second)
+		}},
 		{"switchover", func(c *cluster) {
 			c.run(2 * time.Second)
 			c.step(c.n[0], Switchover{})

@@ -31,6 +31,21 @@ monitor) [ -e "$d/$role-running" ] || { echo "$role is not running"; exit 1; } ;
 esac
 `
 
+// appChain sets the lab's resources: the floating IP, then one appScript
+// resource per role, in order.
+func (l *lab) appChain(roles ...string) {
+	l.t.Helper()
+	script := filepath.Join(l.dir, "res.sh")
+	if err := os.WriteFile(script, []byte(appScript), 0o755); err != nil {
+		l.t.Fatal(err)
+	}
+	res := fmt.Sprintf("    - {type: ip, address: %s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}", labFloating)
+	for _, r := range roles {
+		res += fmt.Sprintf("\n    - {type: script, name: %[2]s, path: %[1]s, args: [%[2]s, \"%%[1]s\"], timeout: 10s}", script, r)
+	}
+	l.resources = res
+}
+
 func running(n *labNode, role string) bool {
 	_, err := os.Stat(filepath.Join(n.dir, role+"-running"))
 	return err == nil
@@ -44,13 +59,7 @@ func running(n *labNode, role string) bool {
 // switchover would, and clients reach it at the floating IP on b.
 func TestFailoverResourceRecoveryNetns(t *testing.T) {
 	l := newLab(t)
-	script := filepath.Join(l.dir, "res.sh")
-	if err := os.WriteFile(script, []byte(appScript), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	l.resources = fmt.Sprintf(`    - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
-    - {type: script, name: app, path: %[1]s, args: [app, "%%[1]s"], timeout: 10s}
-    - {type: script, name: tail, path: %[1]s, args: [tail, "%%[1]s"], timeout: 10s}`, script, labFloating)
+	l.appChain("app", "tail")
 	a, b := l.up("  monitor-interval: 200ms")
 	waitFor(t, 30*time.Second, "a's chain up", func() bool { return running(a, "app") && running(a, "tail") && hasFloatingIP(l, a) })
 	w := &writer{l: l, acked: map[uint64][]byte{}}
@@ -124,6 +133,79 @@ func TestFailoverResourceRecoveryNetns(t *testing.T) {
 	waitFor(t, 30*time.Second, "a write at the floating IP on b", func() bool { return w.write() == nil })
 	l.backInSync(a, b)
 	w.verify(t)
+}
+
+// kill -9 of the Primary while the target's application cannot start
+// (b's DIR/fail-app exists): b promotes, its chain fails to start and
+// rolls back (the floating IP with it), the one local recovery fails too,
+// and with a lost b stays Primary, its volume still served, says why in
+// status and events and starts the chain again every monitor interval.
+// Once the cause is gone the next retry brings the chain up on b and
+// clients reach the volume at the floating IP again, every acknowledged
+// write there.
+func TestFailoverStartFailureRetriedNetns(t *testing.T) {
+	l := newLab(t)
+	l.appChain("app")
+	const retryEvery = time.Second
+	a, b := l.up(fmt.Sprintf("  monitor-interval: %v", retryEvery))
+	waitFor(t, 30*time.Second, "a's chain up", func() bool { return running(a, "app") && hasFloatingIP(l, a) })
+	w := &writer{l: l, acked: map[uint64][]byte{}}
+	defer closeWriter(w)
+	waitFor(t, 30*time.Second, "first write through the floating IP", func() bool { return w.write() == nil })
+	for range 100 {
+		if err := w.write(); err != nil {
+			t.Fatalf("write before the kill: %v", err)
+		}
+	}
+	evB := l.events(b)
+	failApp := filepath.Join(b.dir, "fail-app")
+	if err := os.WriteFile(failApp, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	a.kill9()
+	const stay = "after 1 local recoveries: staying Primary with the resources down (the volume still served), starting them again every 1s; no handover: peer a is lost"
+	waitFor(t, 30*time.Second, "b Primary, saying why its chain is down", func() bool { return b.writable() && b.decided("resource", stay) })
+	if !b.decided("resource", "local recovery 1 of 1: resource app failed to start (start app: ") {
+		t.Fatalf("b's decisions lack the local recovery: %+v", b.decisions())
+	}
+	// Retried: more refusals than the start and the local recovery.
+	waitFor(t, 20*time.Second, "b retrying the start", func() bool {
+		return strings.Count(strings.Join(orderLog(t, b), " "), "app-start-refused") >= 4
+	})
+	out := b.must(t, "status")
+	if !strings.Contains(out, "RESOURCE FAILED: app since") || !strings.Contains(out, "the resources are DOWN (failed to start); ") {
+		t.Fatalf("b's status does not show the chain down:\n%s", out)
+	}
+	if running(b, "app") || hasFloatingIP(l, b) || !b.writable() {
+		t.Fatalf("b while its chain is down: app running %v, floating IP %v, writable %v", running(b, "app"), hasFloatingIP(l, b), b.writable())
+	}
+
+	// The cause goes away: the next retry brings the chain up.
+	if err := os.Remove(failApp); err != nil {
+		t.Fatal(err)
+	}
+	fixed := time.Now()
+	waitFor(t, 20*time.Second, "b's chain up at a retry", func() bool {
+		return running(b, "app") && hasFloatingIP(l, b) && b.decided("resource", "the resources are up again: resource app failed to start")
+	})
+	took := time.Since(fixed)
+	t.Logf("cause removed to b's chain up: %v (retry every %v)", took.Round(time.Millisecond), retryEvery)
+	if took > retryEvery+5*time.Second {
+		t.Fatalf("b's chain came up %v after the cause went away, with retries every %v", took, retryEvery)
+	}
+	waitFor(t, 30*time.Second, "a write at the floating IP on b", func() bool { return w.write() == nil })
+	if st, err := b.status(); err != nil || st.Failover == nil || st.Failover.ResourceFailure != nil {
+		t.Fatalf("b's status after its chain came up: %+v %v", st.Failover, err)
+	}
+	if ev := evB.String(); !strings.Contains(ev, `"kind":"resource"`) || !strings.Contains(ev, "staying Primary with the resources down") {
+		t.Fatalf("b's events lack the resource decisions:\n%s", ev)
+	}
+	w.verify(t)
+	closeWriter(w)
+	l.start(a)
+	l.backInSync(a, b)
+	l.compareReplicas(a, b)
 }
 
 // mirrord stopped with SIGTERM on a Primary: with

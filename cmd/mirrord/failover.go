@@ -60,6 +60,10 @@ type FailoverConfig struct {
 	// restarted in place before the Primary hands over to its peer; 0:
 	// never, hand over at once.
 	LocalRecovery int `mapstructure:"local-recovery"`
+	// HandoverHold: after handing the service over for a resource
+	// failure, this node hands over for one no more for this long (the
+	// peer's resources failed too if the service came back).
+	HandoverHold time.Duration `mapstructure:"handover-hold"`
 	// StopResourcesOnExit: a Primary's mirrord that is stopped (SIGTERM,
 	// SIGINT) stops the resources in reverse before its volume closes;
 	// false leaves them up, for a restart that keeps the kernel device
@@ -109,6 +113,7 @@ func setFailoverDefaults(set func(string, any)) {
 	set("failover.epoch-file", "")
 	set("failover.monitor-interval", agent.DefaultMonitorInterval.String())
 	set("failover.local-recovery", failover.DefaultLocalRecovery)
+	set("failover.handover-hold", failover.DefaultHandoverHold.String())
 	set("failover.stop-resources-on-exit", true)
 }
 
@@ -164,6 +169,12 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 	if f.MonitorInterval < 0 {
 		bad("failover.monitor-interval", "must not be negative (0: never check)")
 	}
+	if f.MonitorInterval > 0 {
+		// A chain that failed to start is started again at the pace at
+		// which a running one is checked (with checks off, at the
+		// machine's default).
+		mc.StartRetryInterval = f.MonitorInterval
+	}
 	switch {
 	case f.LocalRecovery < 0:
 		bad("failover.local-recovery", "must not be negative (0: no local recovery, hand over at once)")
@@ -172,6 +183,10 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 	default:
 		mc.LocalRecovery = f.LocalRecovery
 	}
+	if f.HandoverHold <= 0 {
+		bad("failover.handover-hold", "must be positive")
+	}
+	mc.HandoverHold = f.HandoverHold
 	return mc
 }
 
@@ -332,6 +347,8 @@ type monitoredChain struct{ *resource.Chain }
 var (
 	_ agent.Monitorer = monitoredChain{}
 	_ agent.Recoverer = monitoredChain{}
+	// The machine names the resource that failed to start.
+	_ failover.ResourceNamer = (*resource.StartError)(nil)
 )
 
 func (c monitoredChain) Monitor(ctx context.Context) []agent.Health {

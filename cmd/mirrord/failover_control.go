@@ -180,11 +180,20 @@ func humanFailover(r *failoverView) string {
 	}
 	if f := r.ResourceFailure; f != nil {
 		state := "no local recovery left: handing over or staying (see the decisions)"
-		if f.Recovering {
+		switch {
+		case f.Recovering:
 			state = "local recovery running"
+		case f.Down && f.NextRetry != nil:
+			state = fmt.Sprintf("the resources are DOWN (failed to start); %d retries, the next at %s", f.Retries, f.NextRetry.Format(time.RFC3339))
+		case f.Down:
+			state = "the resources are DOWN (failed to start); handing over or staying (see the decisions)"
+		}
+		name := f.Resource
+		if name == "" {
+			name = "resources"
 		}
 		fmt.Fprintf(&b, "    RESOURCE FAILED: %s since %s: %s; local recoveries %d of %d; %s\n",
-			f.Resource, f.Since.Format(time.RFC3339), f.Error, f.Recoveries, f.MaxRecoveries, state)
+			name, f.Since.Format(time.RFC3339), f.Error, f.Recoveries, f.MaxRecoveries, state)
 	}
 	n := len(r.Decisions)
 	for _, d := range r.Decisions[max(0, n-5):] {
@@ -232,6 +241,11 @@ type resourceFailureView struct {
 	Recoveries    int       `json:"recoveries"`
 	MaxRecoveries int       `json:"max_recoveries"`
 	Recovering    bool      `json:"recovering"`
+	// Down: the chain failed to start and rolled back; Retries starts
+	// were tried since, the next at NextRetry.
+	Down      bool       `json:"down,omitempty"`
+	Retries   int        `json:"retries,omitempty"`
+	NextRetry *time.Time `json:"next_retry,omitempty"`
 }
 
 type quorumView struct {
@@ -292,7 +306,11 @@ func viewFailover(r agent.Report) *failoverView {
 	}
 	if f := r.ResourceFailure; f != nil {
 		v.ResourceFailure = &resourceFailureView{Resource: f.Resource, Error: f.Error, Since: f.Since.UTC(),
-			Recoveries: f.Recoveries, MaxRecoveries: f.MaxRecoveries, Recovering: f.Recovering}
+			Recoveries: f.Recoveries, MaxRecoveries: f.MaxRecoveries, Recovering: f.Recovering, Down: f.Down, Retries: f.Retries}
+		if !f.NextRetry.IsZero() {
+			t := f.NextRetry.UTC()
+			v.ResourceFailure.NextRetry = &t
+		}
 	}
 	for _, d := range r.History {
 		v.Decisions = append(v.Decisions, decisionJSON(d))

@@ -34,6 +34,7 @@ func TestFailoverConfigErrorsNameTheKey(t *testing.T) {
 		{name: "witness and etcd", set: []string{"failover.witness=h:1", "failover.witness-secret-file=/x", "failover.etcd-endpoints=http://e:2379"}, want: "not both"},
 		{name: "unknown key", file: "failover:\n  enabeld: true\n", want: `"failover.enabeld"`},
 		{name: "local recovery", set: []string{"failover.local-recovery=-1"}, want: "failover.local-recovery"},
+		{name: "handover hold", set: []string{"failover.handover-hold=0s"}, want: "failover.handover-hold"},
 		{name: "resource type", file: "failover:\n  resources:\n    - {type: teleport}\n", want: "failover.resources"},
 		{name: "resource unknown key", file: "failover:\n  resources:\n    - {type: ip, address: 10.0.0.9/24, interface: eth0, colour: red}\n", want: "colour"},
 	} {
@@ -117,6 +118,9 @@ func TestFailoverResourceKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 		mc := c.machineConfig(func(key, format string, a ...any) { t.Fatalf("%s: "+format, append([]any{key}, a...)...) })
+		if mc.StartRetryInterval != agent.DefaultMonitorInterval || mc.HandoverHold != failover.DefaultHandoverHold {
+			t.Errorf("%v: machine StartRetryInterval %v, HandoverHold %v: want the monitor interval and the default hold", tc.set, mc.StartRetryInterval, mc.HandoverHold)
+		}
 		if mc.LocalRecovery != tc.machine || c.Failover.StopResourcesOnExit != tc.onExit {
 			t.Errorf("%v: machine LocalRecovery %d (want %d), stop-resources-on-exit %v (want %v)", tc.set, mc.LocalRecovery, tc.machine, c.Failover.StopResourcesOnExit, tc.onExit)
 		}
@@ -138,5 +142,12 @@ func TestHumanFailoverStatus(t *testing.T) {
 		if !strings.Contains(got, want) {
 			t.Errorf("human failover status lacks %q:\n%s", want, got)
 		}
+	}
+	// A chain that failed to start and is retried.
+	r.ResourceFailure = &failover.ResourceFailure{Resource: "app", Error: "start app: exit status 3", Recoveries: 1, MaxRecoveries: 1,
+		Down: true, Retries: 2, NextRetry: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	got = humanFailover(viewFailover(r))
+	if want := "RESOURCE FAILED: app since 0001-01-01T00:00:00Z: start app: exit status 3; local recoveries 1 of 1; the resources are DOWN (failed to start); 2 retries, the next at 2026-01-02T03:04:05Z"; !strings.Contains(got, want) {
+		t.Errorf("human failover status lacks %q:\n%s", want, got)
 	}
 }

@@ -431,13 +431,20 @@ func (a *Agent) Do(ctx context.Context, ev failover.Event) ([]failover.Decision,
 // Resources starts (or stops) the resource chain for an operator's
 // promotion (demotion) made outside the machine, e.g. the first `mirrord
 // promote` of a new pair; it runs in order with the agent's other
-// actions.
+// actions. A failed start is also handed to the machine, which deals with
+// it as with a failed start after a failover: local recovery, then a
+// handover or a retry every monitor interval.
 func (a *Agent) Resources(ctx context.Context, start bool) error {
-	var act failover.Action = failover.StopResources{Reason: "operator demotion"}
-	if start {
-		act = failover.StartResources{Reason: "operator promotion"}
+	if !start {
+		return a.runJob(ctx, failover.StopResources{Reason: "operator demotion"})
 	}
-	return a.runJob(ctx, act)
+	err := a.runJob(ctx, failover.StartResources{Reason: "operator promotion"})
+	if err != nil && a.cfg.Resources != nil && !errors.Is(err, ErrClosed) && ctx.Err() == nil {
+		if _, derr := a.Do(ctx, failover.ResourceStartFailed{Err: err}); derr != nil {
+			a.log.Warn().Err(derr).Msg("could not hand the failed start to the failover machine")
+		}
+	}
+	return err
 }
 
 // StopResourcesOnExit stops the resource chain, in reverse, if this node
@@ -542,6 +549,9 @@ func (a *Agent) loop() {
 			}
 			a.refreshLocal()
 		case c := <-a.cmds:
+			// The machine judges a command on the volume as it is now
+			// (an operator's promotion has just made it Primary).
+			a.refreshLocal()
 			c.reply <- a.handle(c.ev)
 		case r := <-a.votes:
 			a.voted(r)

@@ -197,6 +197,8 @@ type fakeResources struct {
 	// unless sticky.
 	restarts []string
 	sticky   bool
+	// startErr is what Start returns (a chain that fails to start).
+	startErr error
 }
 
 func (r *fakeResources) Restart(_ context.Context, from string) error {
@@ -211,7 +213,7 @@ func (r *fakeResources) Monitor(context.Context) []Health {
 	return []Health{{Name: "ip"}, {Name: "app", Error: r.broken}}
 }
 
-func (r *fakeResources) Start(context.Context) error { r.started++; return nil }
+func (r *fakeResources) Start(context.Context) error { r.started++; return r.startErr }
 func (r *fakeResources) Stop(context.Context) error  { r.stopped++; return nil }
 
 // fakePath delivers to the peer's agent at once, unless cut.
@@ -621,5 +623,68 @@ func TestAgentStopResourcesOnExit(t *testing.T) {
 	a.a.checked(failover.ResourceCheck{Resources: []Health{{Name: "app", Error: "down"}}})
 	if err := a.a.restart("app"); !errors.Is(err, ErrClosed) || len(a.res.restarts) != 0 {
 		t.Fatalf("restart while exiting: %v, restarts %v", err, a.res.restarts)
+	}
+}
+
+// startError names the resource that failed, as resource.StartError does.
+type startError struct{ name, msg string }
+
+func (e startError) Error() string          { return e.msg }
+func (e startError) FailedResource() string { return e.name }
+
+// b takes over a dead a but its chain fails to start: the agent starts it
+// once more (local recovery), then, a being lost, keeps b Primary with the
+// volume served and starts the chain again every monitor interval; once
+// the cause is gone the chain comes up and is checked again.
+func TestAgentStartFailureRetried(t *testing.T) {
+	c := newCluster(t)
+	_, b := c.up()
+	c.nodes["a"].dead = true
+	b.vol.set(func(v *fakeVolume) { v.connected, v.peerDisk = false, mirror.DiskDUnknown })
+	b.res.startErr = startError{"app", "start app: exit status 3; rolled back ip"}
+	c.run(4*time.Second, nil)
+	st := b.a.Status()
+	if rf := st.ResourceFailure; !b.vol.writable() || b.res.started != 2 || rf == nil || !rf.Down || rf.Resource != "app" || rf.Retries != 0 {
+		t.Fatalf("b writable %v, started %d times, resource failure %+v; decisions %+v", b.vol.writable(), b.res.started, st.ResourceFailure, st.History)
+	}
+	if !hasDecision(st, failover.KindResource, false, "staying Primary with the resources down (the volume still served), starting them again every 10s; no handover: peer a is lost") {
+		t.Fatalf("no decision to stay: %+v", st.History)
+	}
+	c.run(DefaultMonitorInterval, nil)
+	if rf := b.a.Status().ResourceFailure; b.res.started != 3 || rf == nil || rf.Retries != 1 || b.a.resUp.Load() {
+		t.Fatalf("after one monitor interval: started %d times, %+v", b.res.started, rf)
+	}
+	b.res.startErr = nil
+	c.run(DefaultMonitorInterval, nil)
+	if st := b.a.Status(); b.res.started != 4 || st.ResourceFailure != nil || !b.a.resUp.Load() || !hasDecision(st, failover.KindResource, true, "the resources are up again") {
+		t.Fatalf("after the cause went away: started %d times, %+v", b.res.started, st.ResourceFailure)
+	}
+}
+
+// The operator promoted the volume by hand and the chain failed to start:
+// the agent hands the failure to the machine, which starts the chain once
+// more and then, b being in sync, hands over to it.
+func TestAgentOperatorPromotionStartFailure(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	a.res.startErr = startError{"app", "start app: exit status 3"}
+	a.a.Start()
+	b.a.Start()
+	defer a.a.Close()
+	defer b.a.Close()
+	if err := a.a.Resources(context.Background(), true); err == nil {
+		t.Fatal("a failed start reported no error")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !hasDecision(a.a.Status(), failover.KindResource, true, "after 1 local recoveries: handing over to b") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no handover within 10 s: %+v", a.a.Status().History)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st := a.a.Status()
+	if a.res.started != 2 || !hasDecision(st, failover.KindPromote, false, "resources failed to start after the operator's promotion: start app: exit status 3") ||
+		!hasDecision(st, failover.KindResource, true, "local recovery 1 of 1: resource app failed to start (start app: exit status 3)") {
+		t.Fatalf("started %d times; decisions %+v", a.res.started, st.History)
 	}
 }

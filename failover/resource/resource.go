@@ -104,6 +104,10 @@ func (e *StartError) Error() string {
 
 func (e *StartError) Unwrap() error { return e.Err }
 
+// FailedResource names the resource whose start failed (the failover
+// machine's ResourceNamer), for its decisions and status.
+func (e *StartError) FailedResource() string { return e.Resource }
+
 // Entry is a resource in a chain with its timeout.
 type Entry struct {
 	Resource Resource
