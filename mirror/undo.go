@@ -466,6 +466,18 @@ func (v *Volume) applyRemote(o op) error {
 	return v.apply(o)
 }
 
+// applyResync writes resync data (always a plain write), saving what it
+// overwrites first while an undo log is open; the data goes past the page
+// cache where it can (direct.go).
+func (v *Volume) applyResync(o op) error {
+	if u := v.undo.Load(); u != nil {
+		if err := u.save(v, o.off, o.n); err != nil {
+			return fmt.Errorf("undo log: %w", err)
+		}
+	}
+	return v.writeResync(o.p, o.off)
+}
+
 // discardUndo drops the log once the resync's result is durable.
 func (v *Volume) discardUndo() error {
 	u := v.undo.Swap(nil)

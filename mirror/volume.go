@@ -98,6 +98,8 @@ type Volume struct {
 	// undo guards the last consistent image while a resync overwrites
 	// it (sync target only; nil otherwise).
 	undo atomic.Pointer[undoLog]
+	// direct writes resync data past the page cache (direct.go).
+	direct directWriter
 
 	closed atomic.Bool
 }
@@ -529,7 +531,7 @@ func (v *Volume) Close() error {
 	if u := v.undo.Load(); u != nil {
 		errs = append(errs, u.close())
 	}
-	errs = append(errs, v.f.Close())
+	errs = append(errs, v.direct.close(), v.f.Close())
 	v.DisarmWatchdog()
 	v.wakeFenced()
 	v.ev.close()
