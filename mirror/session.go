@@ -783,7 +783,7 @@ func (s *session) applyRemote(f wan.Frame) error {
 		// Applied in stream order, so the region is current here: forget
 		// it, or the next connect (after a cut or a crash) would hand the
 		// source the whole original set and restart the resync from zero.
-		err := v.applyResync(o)
+		err := v.applyResync(o, s.incoming)
 		if errors.Is(err, ErrUndoFull) {
 			return s.pauseCatchUp(err)
 		}

@@ -39,6 +39,14 @@ type Writer struct {
 	z     *Compressor // nil: data frames go raw
 }
 
+// BuffersWriter is implemented by a net.Conn wrapper that can pass a vector
+// of buffers on in one writev (net.Buffers finds writev only on the
+// standard library's own connections). It consumes b as net.Buffers.WriteTo
+// does.
+type BuffersWriter interface {
+	WriteBuffers(b *net.Buffers) (int64, error)
+}
+
 type largePayload struct {
 	at int
 	p  []byte
@@ -126,7 +134,11 @@ func (w *Writer) Flush() error {
 			vec = append(vec, w.buf[prev:])
 		}
 		w.nb = vec
-		_, err = w.nb.WriteTo(w.w)
+		if bw, ok := w.w.(BuffersWriter); ok {
+			_, err = bw.WriteBuffers(&w.nb)
+		} else {
+			_, err = w.nb.WriteTo(w.w)
+		}
 		// Drop references to caller payloads so they can be collected.
 		clear(vec)
 		w.vec = vec[:0]
