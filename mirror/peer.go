@@ -496,7 +496,13 @@ func (l *link) replicate(o op) error {
 			return err
 		}
 	}
-	// No peer to ship to: the bitmap remembers, under a new generation.
+	return l.writeUnreplicated(o)
+}
+
+// writeUnreplicated performs o locally with no peer to ship it to: the
+// bitmap remembers, under a new generation.
+func (l *link) writeUnreplicated(o op) error {
+	v := l.v
 	if err := v.newGenerationIfNeeded(); err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/nbd"
 	"github.com/mirrord/mirrord/wan"
 )
 
@@ -74,6 +75,10 @@ type session struct {
 	// as the volume.
 	fullSync bool
 
+	// burst: WriteAsync writes the receive loop answered while more
+	// frames were buffered; their replies leave at the burst's end.
+	burst []nbd.WriteDone
+
 	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
 	resyncRunning atomic.Bool // one resync loop per session
@@ -95,7 +100,8 @@ type tlEntry struct {
 	kind   entryKind
 	off, n int64
 	sent   time.Time
-	done   chan error // sync waiters; nil for async
+	done   chan error    // sync waiters; nil for async
+	pw     *pendingWrite // a sync write from WriteAsync
 	epoch  uint64
 	digest [32]byte
 	// journaled writes: the record's sequence in the journal; written is
@@ -373,6 +379,9 @@ func (s *session) teardown() {
 		if e.done != nil {
 			e.done <- errDisconnected
 		}
+		if e.pw != nil {
+			e.pw.finish(nil, false)
+		}
 		delete(s.tl, seq)
 	}
 	s.lagq, s.lagFirst = nil, 0
@@ -448,7 +457,7 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 			seq = h.Seq
 			e.sent = time.Now()
 			s.tl[h.Seq] = e
-			if e.kind == entWrite && e.done == nil {
+			if e.kind == entWrite && e.done == nil && e.pw == nil {
 				if e.written == 0 {
 					e.written = e.sent.UnixNano()
 				}
@@ -616,6 +625,7 @@ func (s *session) flush() {
 
 func (s *session) recvLoop() {
 	defer s.loops.Done()
+	defer s.sendHeldReplies()
 	for {
 		f, err := s.r.ReadFrame()
 		if err != nil {
@@ -632,6 +642,7 @@ func (s *session) recvLoop() {
 			return
 		}
 		if s.r.Buffered() == 0 {
+			s.sendHeldReplies()
 			s.flushHeld()
 		}
 	}
@@ -705,6 +716,10 @@ func (s *session) acked(seq uint64, errno uint32) {
 	case entWrite:
 		if e.done != nil {
 			e.done <- nil
+			break
+		}
+		if e.pw != nil {
+			e.pw.finish(&s.burst, false)
 			break
 		}
 		s.qmu.Lock()

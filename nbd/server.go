@@ -377,12 +377,18 @@ func (c *conn) transmit() (graceful bool) {
 	q, ok := c.exp.Device.(LocalOnly)
 	quick := ok && q.LocalOnly()
 	cached, _ := c.exp.Device.(CachedReader)
+	aw, _ := c.exp.Device.(AsyncWriter)
+	if quick {
+		aw = nil
+	}
 	var h [requestHeaderSize]byte
 	defer c.flushHeld()
+	defer c.unplug(aw) // held writes must leave: serve waits for their replies
 	for {
 		// Replies held back for a burst leave before this goroutine can
 		// block on the socket.
 		if c.br.Buffered() < requestHeaderSize {
+			c.unplug(aw)
 			c.flushHeld()
 		}
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
@@ -419,6 +425,7 @@ func (c *conn) transmit() (graceful bool) {
 				}
 			} else {
 				if c.br.Buffered() < int(r.Length) {
+					c.unplug(aw)
 					c.flushHeld()
 				}
 				r.buf = getBuf(int(r.Length))
@@ -435,6 +442,10 @@ func (c *conn) transmit() (graceful bool) {
 			continue
 		}
 		if cached != nil && r.Type == CmdRead && c.readCached(cached, &r) {
+			continue
+		}
+		if aw != nil && r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0 {
+			c.writeAsync(aw, &r)
 			continue
 		}
 		c.handlers.Add(1)

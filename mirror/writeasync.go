@@ -1,0 +1,133 @@
+package mirror
+
+import (
+	"sync/atomic"
+
+	"github.com/mirrord/mirrord/nbd"
+	"github.com/mirrord/mirrord/wan"
+)
+
+// The sync write path for the NBD server's reader (nbd.AsyncWriter). A
+// sync write used to take a goroutine of its own, parked on a channel
+// until the peer's acknowledgement woke it: a goroutine start and two
+// wake-ups per write, and each write flushed to the socket alone because
+// the goroutines ran one after another. Here the reader sequences the
+// frame (held while the client's next request is already read, so a
+// burst leaves in one syscall at Unplug), writes the local copy, and the
+// receive loop answers the client when the acknowledgement arrives,
+// holding replies for the burst of acknowledgements it read.
+
+// WriteAsync starts a write of p at off (nbd.AsyncWriter). Sync-mode writes
+// with a live session go the way described above; anything else (async
+// mode, no session, a fence, a lag hold, a pending role change, the first
+// write of a pristine volume) is WriteAt on a goroutine, as the server
+// would do without this method. Nothing here waits for another write:
+// where a lock is taken, a wait falls back to the goroutine.
+func (v *Volume) WriteAsync(p []byte, off int64, more bool, w nbd.WriteDone) {
+	if !v.startAsync(p, off, more, w) {
+		go func() {
+			w.Done(v.WriteAt(p, off, false))
+			w.SendHeld()
+		}()
+	}
+}
+
+// Unplug sends the sync writes WriteAsync held back (nbd.AsyncWriter).
+func (v *Volume) Unplug() {
+	if v.link != nil {
+		if s := v.link.current(); s != nil {
+			s.flushHeld()
+		}
+	}
+}
+
+func (v *Volume) startAsync(p []byte, off int64, more bool, w nbd.WriteDone) bool {
+	l := v.link
+	if l == nil || l.cfg.Mode != ModeSync || v.fc.mode.Load() != uint32(Unfenced) || l.holds() || v.pristine.Load() {
+		return false
+	}
+	if !v.gate.TryRLock() {
+		return false
+	}
+	s := l.current()
+	n := int64(len(p))
+	if s == nil || v.closed.Load() || Role(v.role.Load()) != RolePrimary || !v.al.tryBegin(off, n) {
+		v.gate.RUnlock()
+		return false
+	}
+	if !v.rl.tryLock(off, n) {
+		v.al.end(off, n)
+		v.gate.RUnlock()
+		return false
+	}
+	o := op{kind: opWrite, p: p, off: off, n: n}
+	pw := &pendingWrite{v: v, off: off, n: n, w: w}
+	pw.left.Store(2)
+	h, payload := writeFrame(o)
+	h.Flags |= wan.FlagSync
+	mode := sendFlush
+	if more {
+		mode = sendHold
+	}
+	if _, ok := s.direct(h, payload, &tlEntry{kind: entWrite, off: off, n: n, pw: pw}, mode); !ok {
+		// The session closed before the write was sequenced: the peer is
+		// gone for it, as in replicate.
+		pw.left.Store(1)
+		pw.lerr = l.writeUnreplicated(o)
+	} else {
+		pw.lerr = v.apply(o)
+	}
+	pw.finish(nil, true)
+	return true
+}
+
+// pendingWrite is a sync write started by WriteAsync. It completes when
+// both the local write and the peer's acknowledgement (or the session's
+// end) are in, whichever comes last.
+type pendingWrite struct {
+	v      *Volume
+	off, n int64
+	w      nbd.WriteDone
+	left   atomic.Int32
+	lerr   error // the local result, set before its decrement
+}
+
+// finish counts one side in; the last releases the write's locks and
+// answers. From the receive loop, burst collects the answers whose replies
+// wait for the end of the burst; from the reader (onReader) the server
+// sends them itself; otherwise they leave at once.
+func (p *pendingWrite) finish(burst *[]nbd.WriteDone, onReader bool) {
+	if p.left.Add(-1) != 0 {
+		return
+	}
+	v := p.v
+	v.rl.unlock(p.off, p.n)
+	v.al.end(p.off, p.n)
+	v.gate.RUnlock()
+	if p.lerr == nil && v.fc.mode.Load() != uint32(Unfenced) {
+		// Fenced while in flight: not acknowledged until the fence lifts
+		// (or fails), as in modify; that wait is no place for the
+		// receive loop.
+		go func() {
+			p.w.Done(v.fenced())
+			p.w.SendHeld()
+		}()
+		return
+	}
+	p.w.Done(p.lerr)
+	switch {
+	case burst != nil:
+		*burst = append(*burst, p.w)
+	case !onReader:
+		p.w.SendHeld()
+	}
+}
+
+// sendHeldReplies sends the replies the receive loop held for its burst.
+func (s *session) sendHeldReplies() {
+	for i, w := range s.burst {
+		w.SendHeld()
+		s.burst[i] = nil
+	}
+	s.burst = s.burst[:0]
+}

@@ -1,0 +1,120 @@
+package nbd
+
+import (
+	"bytes"
+	"sync"
+	"testing"
+)
+
+// asyncDevice completes writes later, on a goroutine of its own, like a
+// replicated device waiting for its peer: a write started with more is
+// held until Unplug, as the contract allows.
+type asyncDevice struct {
+	*memDevice
+	mu                    sync.Mutex
+	held                  []pendingAsync
+	started, more, unplug int
+	batches               []int // writes per completed batch
+}
+
+type pendingAsync struct {
+	p   []byte
+	off int64
+	w   WriteDone
+}
+
+func (d *asyncDevice) WriteAsync(p []byte, off int64, more bool, w WriteDone) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.started++
+	if more {
+		d.more++
+	}
+	d.held = append(d.held, pendingAsync{p, off, w})
+	if !more {
+		d.releaseLocked()
+	}
+}
+
+func (d *asyncDevice) Unplug() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.unplug++
+	d.releaseLocked()
+}
+
+func (d *asyncDevice) releaseLocked() {
+	if len(d.held) == 0 {
+		return
+	}
+	batch := d.held
+	d.held = nil
+	d.batches = append(d.batches, len(batch))
+	go func() {
+		for _, h := range batch {
+			h.w.Done(d.WriteAt(h.p, h.off, false))
+		}
+		batch[len(batch)-1].w.SendHeld()
+	}()
+}
+
+func TestAsyncWriterBurstsAndDisconnect(t *testing.T) {
+	d := &asyncDevice{memDevice: newMemDevice(t, txSize)}
+	ts := startServer(t, nil, Export{Name: "d", Device: d})
+	c := ts.dialGo(t, "")
+	// 64 writes and a DISC in one go: the server reads them as one burst,
+	// the last writes held until it unplugs on the way out, and every
+	// write is answered before the connection closes.
+	const n, size = 64, 4096
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, encRequest(0, wireCmdWrite, uint64(i+1), uint64(i*size), size)...)
+		reqs = append(reqs, pattern(byte(i), size)...)
+	}
+	reqs = append(reqs, encRequest(0, wireCmdDisc, 0, 0, 0)...)
+	c.write(reqs)
+	seen := make(map[uint64]bool)
+	for range n {
+		errno, cookie := c.simpleReply()
+		if errno != 0 || cookie < 1 || cookie > n || seen[cookie] {
+			t.Fatalf("reply errno %d cookie %d (seen before: %v)", errno, cookie, seen[cookie])
+		}
+		seen[cookie] = true
+	}
+	c.expectClosed()
+	for i := range n {
+		if !bytes.Equal(d.contents(int64(i*size), size), pattern(byte(i), size)) {
+			t.Fatalf("write %d not on the device", i)
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.started != n || d.more == 0 || len(d.batches) >= n {
+		t.Fatalf("started %d writes (%d with more) in %d batches; want %d, some held, batched", d.started, d.more, len(d.batches), n)
+	}
+	if st := ts.Stats(); st.Writes != n {
+		t.Fatalf("stats: %d writes, want %d", st.Writes, n)
+	}
+}
+
+// FUA writes keep the plain path: the device's WriteAt with fua.
+func TestAsyncWriterFUAUsesWriteAt(t *testing.T) {
+	d := &asyncDevice{memDevice: newMemDevice(t, txSize)}
+	ts := startServer(t, nil, Export{Name: "d", Device: d})
+	c := ts.dialGo(t, "")
+	p := pattern(7, 8192)
+	c.mustDo(wireCmdWrite, wireFlagFUA, 4096, uint32(len(p)), p)
+	if !bytes.Equal(d.stableContents(4096, 8192), p) {
+		t.Fatal("FUA write not stable")
+	}
+	c.writeAt(0, pattern(8, 4096))
+	if got := c.readAt(0, 4096); !bytes.Equal(got, pattern(8, 4096)) {
+		t.Fatal("read back differs")
+	}
+	c.disconnect()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.started != 1 {
+		t.Fatalf("WriteAsync calls = %d, want 1 (the FUA write goes to WriteAt)", d.started)
+	}
+}
