@@ -64,9 +64,12 @@ const (
 	// DefaultResyncWindow is the resync data in flight, enough to keep a
 	// LAN pipe full.
 	DefaultResyncWindow = 32 << 20
-	resyncChunk         = 1 << 20
-	verifyChunk         = 1 << 20
-	handshakeTimeout    = 10 * time.Second
+	// resyncChunk: 4 MiB frames measured 480-556 -> 539-661 MiB/s for a
+	// full 1 GiB resync over loopback against 1 MiB (fewer frames, acks
+	// and direct writes on the target, which keeps one receive buffer).
+	resyncChunk      = 4 << 20
+	verifyChunk      = 1 << 20
+	handshakeTimeout = 10 * time.Second
 )
 
 // PeerConfig describes the one peer a volume replicates with.
