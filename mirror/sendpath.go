@@ -119,6 +119,13 @@ func (p *sendPath) flushLocked() {
 	p.cond.Broadcast()
 }
 
+// buffered is the size of the batch being collected.
+func (p *sendPath) buffered() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cur.Buffered()
+}
+
 // idle waits until no flusher is writing (teardown: payloads referenced by
 // a batch must not be released while it is being written).
 func (p *sendPath) idle() {

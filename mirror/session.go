@@ -435,7 +435,7 @@ func (s *session) transmit(h wan.Header, payload []byte, owned *[]byte, e *tlEnt
 	}
 	seq, ok := s.direct(h, payload, e, mode)
 	putOwned(owned)
-	if mode == sendHold {
+	if mode == sendHold && (s.v.plugs.Load() == 0 || s.out.buffered() >= plugMaxHeld) {
 		s.wake()
 	}
 	return seq, ok

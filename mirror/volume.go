@@ -100,6 +100,8 @@ type Volume struct {
 	undo atomic.Pointer[undoLog]
 	// direct writes resync data past the page cache (direct.go).
 	direct directWriter
+	// plugs counts NBD readers serving a burst (PlugBurst).
+	plugs atomic.Int32
 
 	closed atomic.Bool
 }

@@ -131,3 +131,22 @@ func (s *session) sendHeldReplies() {
 	}
 	s.burst = s.burst[:0]
 }
+
+// In async mode the application's writes are copied into the send batch
+// and sendLoop is woken to write it. While the NBD server serves a burst
+// of writes on its reader, the wake waits for the burst's end
+// (nbd.Plugger): one wake-up and one send per burst instead of one per
+// write. plugMaxHeld bounds what a plug may hold back.
+const plugMaxHeld = 256 << 10
+
+// PlugBurst defers sendLoop's wake-up for async writes (nbd.Plugger).
+func (v *Volume) PlugBurst() { v.plugs.Add(1) }
+
+// UnplugBurst ends a PlugBurst; the last one wakes sendLoop.
+func (v *Volume) UnplugBurst() {
+	if v.plugs.Add(-1) == 0 && v.link != nil {
+		if s := v.link.current(); s != nil {
+			s.wake()
+		}
+	}
+}

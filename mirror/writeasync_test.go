@@ -137,3 +137,25 @@ func TestWriteAsyncFallback(t *testing.T) {
 	waitFor(t, "async drain", func() bool { return a.v.Status().OutOfSyncBytes == 0 && a.v.Status().Peer.InFlightWrites == 0 })
 	assertIdentical(t, a, b)
 }
+
+// A plugged burst's async writes leave at the unplug, and a plug never
+// holds back more than plugMaxHeld.
+func TestPlugBurstAsync(t *testing.T) {
+	a, b, _ := newPair(t, pairOpts{mode: ModeAsync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(4, 4))
+	drained := func() bool { st := a.v.Status(); return st.OutOfSyncBytes == 0 && st.Peer.InFlightWrites == 0 }
+	sent0, recv0 := a.v.link.stats.sentBytes.Load(), b.v.link.stats.recvBytes.Load()
+	a.v.PlugBurst()
+	randomWrites(t, a.v, rng, 64, 0, testSize) // 64 x 4-64 KiB: past the bound
+	queued := int64(a.v.link.stats.sentBytes.Load() - sent0)
+	waitFor(t, "all but plugMaxHeld shipped while plugged", func() bool {
+		return int64(b.v.link.stats.recvBytes.Load()-recv0) >= queued-plugMaxHeld
+	})
+	a.v.UnplugBurst()
+	waitFor(t, "the last write shipped at the unplug", drained)
+	assertIdentical(t, a, b)
+}

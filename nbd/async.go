@@ -54,8 +54,23 @@ func (b *budget) tryAcquire(n int64) bool {
 	return true
 }
 
+// unplug releases what the device holds for the reader's burst: sync
+// writes held back (AsyncWriter), and the plug of a LocalOnly device.
 func (c *conn) unplug(dev AsyncWriter) {
 	if dev != nil {
 		dev.Unplug()
+	}
+	if c.plugged {
+		c.plugged = false
+		c.plugger.UnplugBurst()
+	}
+}
+
+// plugBurst plugs a Plugger before a request served on the reader while
+// more are already read.
+func (c *conn) plugBurst() {
+	if c.plugger != nil && !c.plugged && c.br.Buffered() >= requestHeaderSize {
+		c.plugged = true
+		c.plugger.PlugBurst()
 	}
 }

@@ -118,3 +118,70 @@ func TestAsyncWriterFUAUsesWriteAt(t *testing.T) {
 		t.Fatalf("WriteAsync calls = %d, want 1 (the FUA write goes to WriteAt)", d.started)
 	}
 }
+
+// plugDevice is a LocalOnly device that records PlugBurst/UnplugBurst.
+type plugDevice struct {
+	localDevice
+	mu                  sync.Mutex
+	plugs, unplugs, max int
+	depth               int
+	writesPlugged       int
+}
+
+func (d *plugDevice) PlugBurst() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.plugs++
+	d.depth++
+	d.max = max(d.max, d.depth)
+}
+
+func (d *plugDevice) UnplugBurst() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.unplugs++
+	d.depth--
+}
+
+func (d *plugDevice) WriteAt(p []byte, off int64, fua bool) error {
+	d.mu.Lock()
+	if d.depth > 0 {
+		d.writesPlugged++
+	}
+	d.mu.Unlock()
+	return d.localDevice.WriteAt(p, off, fua)
+}
+
+func TestPluggerPairedAroundBursts(t *testing.T) {
+	d := &plugDevice{localDevice: localDevice{newMemDevice(t, txSize)}}
+	ts := startServer(t, nil, Export{Name: "d", Device: d})
+	c := ts.dialGo(t, "")
+	const n, size = 32, 4096
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, encRequest(0, wireCmdWrite, uint64(i+1), uint64(i*size), size)...)
+		reqs = append(reqs, pattern(byte(i), size)...)
+	}
+	c.write(reqs)
+	for range n {
+		if errno, _ := c.simpleReply(); errno != 0 {
+			t.Fatalf("errno %d", errno)
+		}
+	}
+	// The burst is served: the reader waits for the client, unplugged.
+	waitFor(t, "unplug", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.depth == 0
+	})
+	c.writeAt(0, pattern(9, 4096)) // a lone write: no plug
+	c.disconnect()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.plugs == 0 || d.plugs != d.unplugs || d.max != 1 || d.writesPlugged == 0 {
+		t.Fatalf("plugs %d unplugs %d max depth %d writes plugged %d", d.plugs, d.unplugs, d.max, d.writesPlugged)
+	}
+	if d.writesPlugged > n {
+		t.Fatalf("%d writes plugged, only %d were in the burst", d.writesPlugged, n)
+	}
+}

@@ -110,3 +110,14 @@ type WriteDone interface {
 	Done(err error)
 	SendHeld()
 }
+
+// Plugger is implemented by LocalOnly devices that can defer work (waking
+// a sender goroutine, say) while the server serves a burst of requests on
+// the connection's reader. The server calls PlugBurst before it serves a
+// write inline with more requests already read, and UnplugBurst once the
+// burst is served, before it waits for the client; the two are always
+// paired, and several connections may be plugged at once.
+type Plugger interface {
+	PlugBurst()
+	UnplugBurst()
+}

@@ -312,6 +312,11 @@ type conn struct {
 	walt     []byte
 	flushing bool
 	werr     error
+
+	// plugger is a LocalOnly device's Plugger; plugged says the reader
+	// has plugged it for the burst it is serving (reader only).
+	plugger Plugger
+	plugged bool
 }
 
 // stop makes the reader return at its next read; requests already read are
@@ -380,6 +385,7 @@ func (c *conn) transmit() (graceful bool) {
 	aw, _ := c.exp.Device.(AsyncWriter)
 	if quick {
 		aw = nil
+		c.plugger, _ = c.exp.Device.(Plugger)
 	}
 	var h [requestHeaderSize]byte
 	defer c.flushHeld()
@@ -465,6 +471,7 @@ func (c *conn) transmit() (graceful bool) {
 		if quick && ((r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0) || (r.Type == CmdRead && lone)) {
 			// Served before the next request is read: nothing to budget.
 			r.inline = true
+			c.plugBurst()
 			c.active.Add(1)
 			c.handle(&r)
 			continue
