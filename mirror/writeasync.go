@@ -61,7 +61,7 @@ func (v *Volume) startAsync(p []byte, off int64, more bool, w nbd.WriteDone) boo
 		return false
 	}
 	o := op{kind: opWrite, p: p, off: off, n: n}
-	pw := &pendingWrite{v: v, off: off, n: n, w: w}
+	pw := &pendingWrite{v: v, s: s, off: off, n: n, w: w}
 	pw.left.Store(2)
 	h, payload := writeFrame(o)
 	h.Flags |= wan.FlagSync
@@ -69,15 +69,17 @@ func (v *Volume) startAsync(p []byte, off int64, more bool, w nbd.WriteDone) boo
 	if more {
 		mode = sendHold
 	}
-	if _, ok := s.direct(h, payload, &tlEntry{kind: entWrite, off: off, n: n, pw: pw}, mode); !ok {
+	e := &tlEntry{kind: entWrite, off: off, n: n, pw: pw}
+	if _, ok := s.direct(h, payload, e, mode); !ok {
 		// The session closed before the write was sequenced: the peer is
 		// gone for it, as in replicate.
 		pw.left.Store(1)
 		pw.lerr = l.writeUnreplicated(o)
 	} else {
+		pw.batch, pw.inPlace = e.batch, len(payload) >= wan.ZeroCopyMin
 		pw.lerr = v.apply(o)
 	}
-	pw.finish(nil, true)
+	pw.finish(nil, fromReader)
 	return true
 }
 
@@ -86,20 +88,51 @@ func (v *Volume) startAsync(p []byte, off int64, more bool, w nbd.WriteDone) boo
 // end) are in, whichever comes last.
 type pendingWrite struct {
 	v      *Volume
+	s      *session
 	off, n int64
 	w      nbd.WriteDone
 	left   atomic.Int32
-	lerr   error // the local result, set before its decrement
+	// Set by the reader before its decrement: the local result, and the
+	// send batch that carries a payload sent in place.
+	lerr    error
+	batch   uint64
+	inPlace bool
 }
+
+// Who completes a pendingWrite's side.
+type finisher uint8
+
+const (
+	fromReader   finisher = iota // WriteAsync, on the NBD reader
+	fromRecv                     // the receive loop, on the ack
+	fromTeardown                 // the session's end
+)
 
 // finish counts one side in; the last releases the write's locks and
 // answers. From the receive loop, burst collects the answers whose replies
-// wait for the end of the burst; from the reader (onReader) the server
-// sends them itself; otherwise they leave at once.
-func (p *pendingWrite) finish(burst *[]nbd.WriteDone, onReader bool) {
+// wait for the end of the burst; from the reader the server sends them
+// itself; otherwise they leave at once.
+//
+// A payload sent in place is the server's again only once the batch that
+// carried it has left: the ack proves the bytes arrived, but another
+// goroutine's writev of the same batch may still be running (see
+// sendPath.waitWritten). That rare wait gets a goroutine of its own, not
+// the receive loop's time. At the session's end no flusher runs.
+func (p *pendingWrite) finish(burst *[]nbd.WriteDone, by finisher) {
 	if p.left.Add(-1) != 0 {
 		return
 	}
+	if p.inPlace && by != fromTeardown && !p.s.out.hasWritten(p.batch) {
+		go func() {
+			p.s.out.waitWritten(p.batch)
+			p.answer(nil, fromRecv) // no burst: the reply leaves at once
+		}()
+		return
+	}
+	p.answer(burst, by)
+}
+
+func (p *pendingWrite) answer(burst *[]nbd.WriteDone, by finisher) {
 	v := p.v
 	v.rl.unlock(p.off, p.n)
 	v.al.end(p.off, p.n)
@@ -118,7 +151,7 @@ func (p *pendingWrite) finish(burst *[]nbd.WriteDone, onReader bool) {
 	switch {
 	case burst != nil:
 		*burst = append(*burst, p.w)
-	case !onReader:
+	case by != fromReader:
 		p.w.SendHeld()
 	}
 }

@@ -11,6 +11,11 @@ import (
 // the copy is cheaper than an extra iovec.
 const zeroCopyMin = 64 << 10
 
+// ZeroCopyMin is the payload size from which a Writer over a net.Conn sends the
+// payload in place: the caller's buffer is read until the Flush that writes it
+// returns.
+const ZeroCopyMin = zeroCopyMin
+
 // keepMax is the largest encode buffer a Writer keeps between batches; a rare huge
 // batch should not pin its memory for the life of the connection.
 const keepMax = 4 << 20
