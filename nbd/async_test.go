@@ -58,6 +58,17 @@ func (d *asyncDevice) releaseLocked() {
 	}()
 }
 
+// writeBurst encodes n writes of size bytes, cookie i+1 writing
+// pattern(i) at i*size, to be sent in one go.
+func writeBurst(n, size int) []byte {
+	var reqs []byte
+	for i := range n {
+		reqs = append(reqs, encRequest(0, wireCmdWrite, uint64(i+1), uint64(i*size), uint32(size))...)
+		reqs = append(reqs, pattern(byte(i), size)...)
+	}
+	return reqs
+}
+
 func TestAsyncWriterBurstsAndDisconnect(t *testing.T) {
 	d := &asyncDevice{memDevice: newMemDevice(t, txSize)}
 	ts := startServer(t, nil, Export{Name: "d", Device: d})
@@ -66,13 +77,7 @@ func TestAsyncWriterBurstsAndDisconnect(t *testing.T) {
 	// the last writes held until it unplugs on the way out, and every
 	// write is answered before the connection closes.
 	const n, size = 64, 4096
-	var reqs []byte
-	for i := range n {
-		reqs = append(reqs, encRequest(0, wireCmdWrite, uint64(i+1), uint64(i*size), size)...)
-		reqs = append(reqs, pattern(byte(i), size)...)
-	}
-	reqs = append(reqs, encRequest(0, wireCmdDisc, 0, 0, 0)...)
-	c.write(reqs)
+	c.write(writeBurst(n, size), encRequest(0, wireCmdDisc, 0, 0, 0))
 	seen := make(map[uint64]bool)
 	for range n {
 		errno, cookie := c.simpleReply()
@@ -157,12 +162,7 @@ func TestPluggerPairedAroundBursts(t *testing.T) {
 	ts := startServer(t, nil, Export{Name: "d", Device: d})
 	c := ts.dialGo(t, "")
 	const n, size = 32, 4096
-	var reqs []byte
-	for i := range n {
-		reqs = append(reqs, encRequest(0, wireCmdWrite, uint64(i+1), uint64(i*size), size)...)
-		reqs = append(reqs, pattern(byte(i), size)...)
-	}
-	c.write(reqs)
+	c.write(writeBurst(n, size))
 	for range n {
 		if errno, _ := c.simpleReply(); errno != 0 {
 			t.Fatalf("errno %d", errno)
