@@ -64,12 +64,17 @@ const (
 	// DefaultResyncWindow is the resync data in flight, enough to keep a
 	// LAN pipe full.
 	DefaultResyncWindow = 32 << 20
-	// resyncChunk: 4 MiB frames measured 480-556 -> 539-661 MiB/s for a
-	// full 1 GiB resync over loopback against 1 MiB (fewer frames, acks
-	// and direct writes on the target, which keeps one receive buffer).
-	resyncChunk      = 4 << 20
-	verifyChunk      = 1 << 20
-	handshakeTimeout = 10 * time.Second
+	// resyncChunk is a resync frame's most data on an uncapped link: 4
+	// MiB measured 480-556 -> 539-661 MiB/s for a full 1 GiB resync over
+	// loopback against 1 MiB (fewer frames, acks and direct writes on the
+	// target, which keeps one receive buffer). Where a cap paces resync
+	// (peer.resync-max-rate, peer.rate-limit) frames stay at
+	// resyncChunkCapped, so that pacing and progress stay fine-grained and
+	// a live write queues behind less resync data.
+	resyncChunk       = 4 << 20
+	resyncChunkCapped = 1 << 20
+	verifyChunk       = 1 << 20
+	handshakeTimeout  = 10 * time.Second
 )
 
 // PeerConfig describes the one peer a volume replicates with.
