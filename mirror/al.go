@@ -86,6 +86,23 @@ func (a *activityLog) begin(off, length int64) error {
 	return nil
 }
 
+// tryBegin is begin when every extent of the range is already in the log
+// (no metadata write, no wait).
+func (a *activityLog) tryBegin(off, length int64) bool {
+	first, last := off/ALExtentSize, (off+max(length, 1)-1)/ALExtentSize
+	for e := first; e <= last; e++ {
+		a.inflight[e].Add(1)
+		if !a.hot[e].Load() {
+			a.endExtents(first, e)
+			return false
+		}
+		if !a.ref[e].Load() {
+			a.ref[e].Store(true)
+		}
+	}
+	return true
+}
+
 func (a *activityLog) end(off, length int64) {
 	a.endExtents(off/ALExtentSize, (off+max(length, 1)-1)/ALExtentSize)
 }

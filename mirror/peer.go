@@ -64,9 +64,17 @@ const (
 	// DefaultResyncWindow is the resync data in flight, enough to keep a
 	// LAN pipe full.
 	DefaultResyncWindow = 32 << 20
-	resyncChunk         = 1 << 20
-	verifyChunk         = 1 << 20
-	handshakeTimeout    = 10 * time.Second
+	// resyncChunk is a resync frame's most data on an uncapped link: 4
+	// MiB measured 480-556 -> 539-661 MiB/s for a full 1 GiB resync over
+	// loopback against 1 MiB (fewer frames, acks and direct writes on the
+	// target, which keeps one receive buffer). Where a cap paces resync
+	// (peer.resync-max-rate, peer.rate-limit) frames stay at
+	// resyncChunkCapped, so that pacing and progress stay fine-grained and
+	// a live write queues behind less resync data.
+	resyncChunk       = 4 << 20
+	resyncChunkCapped = 1 << 20
+	verifyChunk       = 1 << 20
+	handshakeTimeout  = 10 * time.Second
 )
 
 // PeerConfig describes the one peer a volume replicates with.
@@ -503,8 +511,14 @@ func (l *link) replicate(o op) error {
 			return err
 		}
 	}
-	// No peer to ship to: the bitmap remembers, under a new generation,
-	// and the journal too while it keeps the stream (replay.go).
+	return l.writeUnreplicated(o)
+}
+
+// writeUnreplicated performs o locally with no peer to ship it to: the
+// bitmap remembers, under a new generation, and the journal too while it
+// keeps the stream (replay.go).
+func (l *link) writeUnreplicated(o op) error {
+	v := l.v
 	if err := v.newGenerationIfNeeded(); err != nil {
 		return err
 	}

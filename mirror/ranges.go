@@ -37,6 +37,18 @@ func (l *rangeLocks) lock(off, length int64) {
 	l.mu.Unlock()
 }
 
+// tryLock is lock when it would not wait.
+func (l *rangeLocks) tryLock(off, length int64) bool {
+	end := off + max(length, 1)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.overlap(off, end) >= 0 {
+		return false
+	}
+	l.active = append(l.active, lockedRange{off: off, end: end})
+	return true
+}
+
 func (l *rangeLocks) overlap(off, end int64) int {
 	for i, r := range l.active {
 		if off < r.end && r.off < end {

@@ -178,7 +178,7 @@ func (s *session) runResync() {
 	cursor := int64(0)
 	sent := false // this pass
 	for {
-		off, n, ok := v.dirty.NextDirty(cursor, resyncChunk)
+		off, n, ok := v.dirty.NextDirty(cursor, s.resyncChunkSize())
 		if !ok {
 			if !s.resync.waitDrained(s) {
 				return
@@ -230,6 +230,15 @@ func (s *session) runResync() {
 		}
 	}
 	s.finishResync()
+}
+
+// resyncChunkSize is the most data one resync frame carries now (see
+// resyncChunk).
+func (s *session) resyncChunkSize() int64 {
+	if s.l.cfg.ResyncMaxRate > 0 || s.l.shaper.limit.Load() > 0 {
+		return resyncChunkCapped
+	}
+	return resyncChunk
 }
 
 // waitJournal waits for the journal to retire a record: what is left dirty

@@ -133,6 +133,20 @@ func (p *sendPath) flushLocked() {
 	p.cond.Broadcast()
 }
 
+// hasWritten reports whether batch id has left (or the path failed).
+func (p *sendPath) hasWritten(id uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.written >= id || p.err != nil
+}
+
+// buffered is the size of the batch being collected.
+func (p *sendPath) buffered() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cur.Buffered()
+}
+
 // idle waits until no flusher is writing (teardown: payloads referenced by
 // a batch must not be released while it is being written).
 func (p *sendPath) idle() {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/nbd"
 	"github.com/mirrord/mirrord/wan"
 )
 
@@ -89,6 +90,10 @@ type session struct {
 	// streamed: both Hellos had HelloStream and positions were exchanged.
 	streamed bool
 
+	// burst: WriteAsync writes the receive loop answered while more
+	// frames were buffered; their replies leave at the burst's end.
+	burst []nbd.WriteDone
+
 	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
 	resyncRunning atomic.Bool // one resync loop per session
@@ -112,7 +117,8 @@ type tlEntry struct {
 	cost   int64  // writes: bytes in flight, held in the async window (op.cost)
 	batch  uint64 // sendPath batch that carries the frame (sync writes)
 	sent   time.Time
-	done   chan error // sync waiters; nil for async
+	done   chan error    // sync waiters; nil for async
+	pw     *pendingWrite // a sync write from WriteAsync
 	epoch  uint64
 	digest [32]byte
 	// journaled writes: the record's sequence in the journal; written is
@@ -441,6 +447,9 @@ func (s *session) teardown() {
 		if e.done != nil {
 			e.done <- errDisconnected
 		}
+		if e.pw != nil {
+			e.pw.finish(nil, fromTeardown)
+		}
 		delete(s.tl, seq)
 	}
 	s.lagq, s.lagFirst = nil, 0
@@ -497,7 +506,7 @@ func (s *session) transmit(h wan.Header, payload []byte, owned *[]byte, e *tlEnt
 	}
 	seq, ok := s.direct(h, payload, e, mode)
 	putOwned(owned)
-	if mode == sendHold {
+	if mode == sendHold && (s.v.plugs.Load() == 0 || s.out.buffered() >= plugMaxHeld) {
 		s.wake()
 	}
 	return seq, ok
@@ -519,7 +528,7 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 			seq = h.Seq
 			e.sent = time.Now()
 			s.tl[h.Seq] = e
-			if e.kind == entWrite && e.done == nil {
+			if e.kind == entWrite && e.done == nil && e.pw == nil {
 				s.spos++
 				e.spos = s.spos
 				if e.written == 0 {
@@ -715,6 +724,7 @@ func (s *session) flush() {
 
 func (s *session) recvLoop() {
 	defer s.loops.Done()
+	defer s.sendHeldReplies()
 	for {
 		f, err := s.r.ReadFrame()
 		if err != nil {
@@ -731,6 +741,7 @@ func (s *session) recvLoop() {
 			return
 		}
 		if s.r.Buffered() == 0 {
+			s.sendHeldReplies()
 			s.held = 0
 			s.flushHeld()
 		}
@@ -807,6 +818,10 @@ func (s *session) acked(seq uint64, errno uint32) {
 	case entWrite:
 		if e.done != nil {
 			e.done <- nil
+			break
+		}
+		if e.pw != nil {
+			e.pw.finish(&s.burst, fromRecv)
 			break
 		}
 		s.qmu.Lock()
@@ -887,7 +902,7 @@ func (s *session) applyRemote(f wan.Frame) error {
 		// Applied in stream order, so the region is current here: forget
 		// it, or the next connect (after a cut or a crash) would hand the
 		// source the whole original set and restart the resync from zero.
-		err := v.applyRemote(o)
+		err := v.applyResync(o, s.incoming)
 		if errors.Is(err, ErrUndoFull) {
 			return s.pauseCatchUp(err)
 		}

@@ -117,6 +117,12 @@ func (s *shaper) wrap(c net.Conn) *limitedConn {
 }
 
 func (c *limitedConn) Write(p []byte) (int, error) {
+	if c.s.all.Limit() == rate.Inf {
+		// Uncapped: one syscall, however large p is.
+		k, err := c.Conn.Write(p)
+		c.s.wire.add(k)
+		return k, err
+	}
 	done := 0
 	for done < len(p) {
 		n := min(len(p)-done, limitChunk)
@@ -136,6 +142,27 @@ func (c *limitedConn) Write(p []byte) (int, error) {
 		}
 	}
 	return done, nil
+}
+
+// WriteBuffers sends a frame batch with its large payloads in place: one
+// writev on an uncapped link (the TCP connection's own net.Buffers path),
+// else buffer by buffer through Write's limiter.
+func (c *limitedConn) WriteBuffers(b *net.Buffers) (int64, error) {
+	if c.s.all.Limit() == rate.Inf {
+		n, err := b.WriteTo(c.Conn)
+		c.s.wire.add(int(n))
+		return n, err
+	}
+	var n int64
+	for len(*b) > 0 {
+		k, err := c.Write((*b)[0])
+		n += int64(k)
+		if err != nil {
+			return n, err
+		}
+		*b = (*b)[1:]
+	}
+	return n, nil
 }
 
 func (c *limitedConn) Close() error {

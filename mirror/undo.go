@@ -183,6 +183,8 @@ type undoLog struct {
 	// full: a save was refused at the cap (until a restart, which may
 	// bring a larger one).
 	full bool
+	// lastHole: the last record appended was a hole record.
+	lastHole bool
 }
 
 // createUndo starts an empty log for the image described by hdr; it is
@@ -287,10 +289,25 @@ func (u *undoLog) read(pos, n int64) (urec, []byte, error) {
 	return r, data, err
 }
 
+// Look-ahead limits for a resync frame's save (see save): how far past the
+// frame, in volume bytes and in pre-image bytes read and logged.
+const (
+	undoAheadSpan = 256 << 20
+	undoAheadData = 32 << 20
+)
+
 // save appends the current contents of every region of [off, off+n) not
 // saved yet, then makes them durable: call it before overwriting the
 // range.
-func (u *undoLog) save(v *Volume, off, n int64) error {
+//
+// ahead, if set, lists what the resync source is still to send: the
+// regions that follow the range in it are saved under the same fdatasync
+// (within undoAheadSpan and undoAheadData, and never past the cap), so a
+// resync costs the log one sync per look-ahead, not one per frame.
+// Saving a region early is safe: it still holds its pre-resync contents
+// (every overwrite saves first, under mu), and a region saved but never
+// overwritten rolls back to what it already holds.
+func (u *undoLog) save(v *Volume, off, n int64, ahead *bitmap.Bitmap) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	rs := u.saved.RegionSize()
@@ -328,8 +345,50 @@ func (u *undoLog) save(v *Volume, off, n int64) error {
 	if !wrote {
 		return nil
 	}
+	if ahead != nil {
+		if err := u.saveAheadLocked(v, hi, ahead); err != nil {
+			return err
+		}
+	}
 	if err := unix.Fdatasync(u.fd); err != nil {
 		return fmt.Errorf("fdatasync undo log: %w", err)
+	}
+	return nil
+}
+
+// saveAheadLocked saves the regions of ahead from `from` on, within the
+// look-ahead limits and the cap; the caller syncs.
+func (u *undoLog) saveAheadLocked(v *Volume, from int64, ahead *bitmap.Bitmap) error {
+	rs := u.saved.RegionSize()
+	limit := v.undoLimit()
+	var data int64
+	for cursor := from; cursor < from+undoAheadSpan && data < undoAheadData; {
+		off, n, ok := ahead.NextDirty(cursor, undoMaxRecord)
+		if !ok || off >= from+undoAheadSpan {
+			return nil
+		}
+		cursor = off + n
+		for p := off; p < off+n; {
+			if u.saved.Test(p, 1) {
+				p += rs
+				continue
+			}
+			q := p + rs
+			for q < off+n && !u.saved.Test(q, 1) {
+				q += rs
+			}
+			q = min(q, off+n)
+			if limit > 0 && u.bytes+(q-p) > limit {
+				return nil // the frame that needs it gets the refusal
+			}
+			if err := u.appendLocked(v, p, q-p); err != nil {
+				return err
+			}
+			if !u.lastHole {
+				data += q - p
+			}
+			p = q
+		}
 	}
 	return nil
 }
@@ -349,6 +408,7 @@ func (u *undoLog) appendLocked(v *Volume, off, n int64) error {
 		return fmt.Errorf("write undo log: %w", err)
 	}
 	u.seq++
+	u.lastHole = r.hole
 	u.end += int64(len(b))
 	u.bytes += n // the range covered (a hole record stores none of it)
 	u.saved.Set(off, n)
@@ -459,11 +519,24 @@ func (v *Volume) beginUndo() error {
 // while an undo log is open.
 func (v *Volume) applyRemote(o op) error {
 	if u := v.undo.Load(); u != nil {
-		if err := u.save(v, o.off, o.n); err != nil {
+		if err := u.save(v, o.off, o.n, nil); err != nil {
 			return fmt.Errorf("undo log: %w", err)
 		}
 	}
 	return v.apply(o)
+}
+
+// applyResync writes resync data (always a plain write), saving what it
+// overwrites first while an undo log is open, with the regions still to
+// come (ahead, may be nil) saved under the same sync; the data goes past
+// the page cache where it can (direct.go).
+func (v *Volume) applyResync(o op, ahead *bitmap.Bitmap) error {
+	if u := v.undo.Load(); u != nil {
+		if err := u.save(v, o.off, o.n, ahead); err != nil {
+			return fmt.Errorf("undo log: %w", err)
+		}
+	}
+	return v.writeResync(o.p, o.off)
 }
 
 // discardUndo drops the log once the resync's result is durable.

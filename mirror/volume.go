@@ -99,6 +99,10 @@ type Volume struct {
 	// undo guards the last consistent image while a resync overwrites
 	// it (sync target only; nil otherwise).
 	undo atomic.Pointer[undoLog]
+	// direct writes resync data past the page cache (direct.go).
+	direct directWriter
+	// plugs counts NBD readers serving a burst (PlugBurst).
+	plugs atomic.Int32
 
 	closed atomic.Bool
 }
@@ -542,7 +546,7 @@ func (v *Volume) Close() error {
 	if u := v.undo.Load(); u != nil {
 		errs = append(errs, u.close())
 	}
-	errs = append(errs, v.f.Close())
+	errs = append(errs, v.direct.close(), v.f.Close())
 	v.DisarmWatchdog()
 	v.wakeFenced()
 	v.ev.close()

@@ -79,3 +79,45 @@ func (e *Export) transmissionFlags() uint16 {
 	}
 	return f
 }
+
+// AsyncWriter is implemented by devices whose writes wait on more than the
+// local disk (a replicated write waits for its peer's acknowledgement).
+// The server then starts a buffered (non-FUA) write on the connection's
+// reader and learns of its end through WriteDone, instead of parking a
+// goroutine per request until the device returns: no goroutine start, no
+// wake-up of a parked one, and the writes of a burst can leave together.
+// Devices that report LocalOnly are served inline instead.
+type AsyncWriter interface {
+	// WriteAsync starts writing p at off. It may block while it orders the
+	// write behind an overlapping one or writes the local copy, never for
+	// a round trip; before any wait that depends on other writes it sends
+	// what it holds back. It calls w.Done exactly once, from any goroutine,
+	// possibly before it returns; p stays valid until then. more says the
+	// client's next request is already read: the device may hold this write
+	// back to leave with the next ones, until Unplug.
+	WriteAsync(p []byte, off int64, more bool, w WriteDone)
+	// Unplug sends whatever WriteAsync held back. The server calls it
+	// before it waits for the client.
+	Unplug()
+}
+
+// WriteDone receives the result of an AsyncWriter's write.
+type WriteDone interface {
+	// Done answers the write. The reply may be held back to leave with
+	// others: the device calls SendHeld after the last Done of a burst it
+	// completes on a goroutine of its own (Done called from within
+	// WriteAsync needs none; the server's reader sends it).
+	Done(err error)
+	SendHeld()
+}
+
+// Plugger is implemented by LocalOnly devices that can defer work (waking
+// a sender goroutine, say) while the server serves a burst of requests on
+// the connection's reader. The server calls PlugBurst before it serves a
+// write inline with more requests already read, and UnplugBurst once the
+// burst is served, before it waits for the client; the two are always
+// paired, and several connections may be plugged at once.
+type Plugger interface {
+	PlugBurst()
+	UnplugBurst()
+}

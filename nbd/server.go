@@ -312,6 +312,11 @@ type conn struct {
 	walt     []byte
 	flushing bool
 	werr     error
+
+	// plugger is a LocalOnly device's Plugger; plugged says the reader
+	// has plugged it for the burst it is serving (reader only).
+	plugger Plugger
+	plugged bool
 }
 
 // stop makes the reader return at its next read; requests already read are
@@ -377,12 +382,19 @@ func (c *conn) transmit() (graceful bool) {
 	q, ok := c.exp.Device.(LocalOnly)
 	quick := ok && q.LocalOnly()
 	cached, _ := c.exp.Device.(CachedReader)
+	aw, _ := c.exp.Device.(AsyncWriter)
+	if quick {
+		aw = nil
+		c.plugger, _ = c.exp.Device.(Plugger)
+	}
 	var h [requestHeaderSize]byte
 	defer c.flushHeld()
+	defer c.unplug(aw) // held writes must leave: serve waits for their replies
 	for {
 		// Replies held back for a burst leave before this goroutine can
 		// block on the socket.
 		if c.br.Buffered() < requestHeaderSize {
+			c.unplug(aw)
 			c.flushHeld()
 		}
 		if _, err := io.ReadFull(c.br, h[:]); err != nil {
@@ -419,6 +431,7 @@ func (c *conn) transmit() (graceful bool) {
 				}
 			} else {
 				if c.br.Buffered() < int(r.Length) {
+					c.unplug(aw)
 					c.flushHeld()
 				}
 				r.buf = getBuf(int(r.Length))
@@ -435,6 +448,10 @@ func (c *conn) transmit() (graceful bool) {
 			continue
 		}
 		if cached != nil && r.Type == CmdRead && c.readCached(cached, &r) {
+			continue
+		}
+		if aw != nil && r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0 {
+			c.writeAsync(aw, &r)
 			continue
 		}
 		c.handlers.Add(1)
@@ -454,6 +471,7 @@ func (c *conn) transmit() (graceful bool) {
 		if quick && ((r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0) || (r.Type == CmdRead && lone)) {
 			// Served before the next request is read: nothing to budget.
 			r.inline = true
+			c.plugBurst()
 			c.active.Add(1)
 			c.handle(&r)
 			continue

@@ -361,7 +361,7 @@ func TestDetach(t *testing.T) {
 
 func TestReaderDropsHugeBuffers(t *testing.T) {
 	wire := encode(t,
-		Frame{Header{Type: FrameWrite}, make([]byte, 2<<20)},
+		Frame{Header{Type: FrameWrite}, make([]byte, retainMax+4096)},
 		Frame{Header{Type: FrameWrite}, make([]byte, 4096)},
 		Frame{Header{Type: FrameWrite}, make([]byte, 512<<10)},
 		Frame{Header{Type: FrameWrite}, make([]byte, 4096)},
@@ -374,7 +374,7 @@ func TestReaderDropsHugeBuffers(t *testing.T) {
 		}
 		caps = append(caps, cap(r.buf))
 	}
-	if want := []int{2 << 20, 4096, 512 << 10, 512 << 10}; !slices.Equal(caps, want) {
+	if want := []int{retainMax + 4096, 4096, 512 << 10, 512 << 10}; !slices.Equal(caps, want) {
 		t.Fatalf("buffer capacities %v, want %v", caps, want)
 	}
 }

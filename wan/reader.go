@@ -13,10 +13,11 @@ import (
 // frames, so a burst of acks or 4 KiB writes costs one read syscall, not one per frame.
 const readBufferSize = 256 << 10
 
-// retainMax is the largest payload buffer a Reader keeps for reuse. Larger payloads
-// get a buffer of their own that is dropped after use, so one 32 MiB write does not
-// pin 32 MiB per peer for the life of the connection.
-const retainMax = 1 << 20
+// retainMax is the largest payload buffer a Reader keeps for reuse: a resync frame
+// (4 MiB) reuses one buffer instead of a fresh allocation each. Larger payloads get
+// a buffer of their own that is dropped after use, so one 32 MiB write does not pin
+// 32 MiB per peer for the life of the connection.
+const retainMax = 4 << 20
 
 // Reader decodes frames from a stream.
 //

@@ -11,6 +11,11 @@ import (
 // the copy is cheaper than an extra iovec.
 const zeroCopyMin = 64 << 10
 
+// ZeroCopyMin is the payload size from which a Writer over a net.Conn sends the
+// payload in place: the caller's buffer is read until the Flush that writes it
+// returns.
+const ZeroCopyMin = zeroCopyMin
+
 // keepMax is the largest encode buffer a Writer keeps between batches; a rare huge
 // batch should not pin its memory for the life of the connection.
 const keepMax = 4 << 20
@@ -37,6 +42,14 @@ type Writer struct {
 	nb    net.Buffers // a field so that (&nb).WriteTo does not allocate
 	err   error
 	z     *Compressor // nil: data frames go raw
+}
+
+// BuffersWriter is implemented by a net.Conn wrapper that can pass a vector
+// of buffers on in one writev (net.Buffers finds writev only on the
+// standard library's own connections). It consumes b as net.Buffers.WriteTo
+// does.
+type BuffersWriter interface {
+	WriteBuffers(b *net.Buffers) (int64, error)
 }
 
 type largePayload struct {
@@ -126,7 +139,11 @@ func (w *Writer) Flush() error {
 			vec = append(vec, w.buf[prev:])
 		}
 		w.nb = vec
-		_, err = w.nb.WriteTo(w.w)
+		if bw, ok := w.w.(BuffersWriter); ok {
+			_, err = bw.WriteBuffers(&w.nb)
+		} else {
+			_, err = w.nb.WriteTo(w.w)
+		}
 		// Drop references to caller payloads so they can be collected.
 		clear(vec)
 		w.vec = vec[:0]

@@ -1,0 +1,161 @@
+package mirror
+
+import (
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// doneRecorder is the nbd server's side of WriteAsync in a test: it counts
+// answers and checks each write is answered once.
+type doneRecorder struct {
+	wg       *sync.WaitGroup
+	answered atomic.Int32
+	err      atomic.Pointer[error]
+	sent     *atomic.Int64 // SendHeld calls, for all writes
+}
+
+func (d *doneRecorder) Done(err error) {
+	if d.answered.Add(1) != 1 {
+		panic("write answered twice")
+	}
+	if err != nil {
+		d.err.Store(&err)
+	}
+	d.wg.Done()
+}
+
+func (d *doneRecorder) SendHeld() { d.sent.Add(1) }
+
+// asyncBursts writes bursts of 1-32 writes through WriteAsync as the nbd
+// reader does (more set but for the last of a burst, then Unplug), some
+// overlapping earlier ones still in flight, and waits for every answer.
+func asyncBursts(t *testing.T, v *Volume, rng *rand.Rand, writes int) {
+	t.Helper()
+	var wg sync.WaitGroup
+	var sent atomic.Int64
+	var recs []*doneRecorder
+	for i := 0; i < writes; {
+		burst := min(1+rng.IntN(32), writes-i)
+		for k := range burst {
+			n := 4096 * (1 + rng.IntN(4))
+			if rng.IntN(8) == 0 {
+				n = 128 << 10 // sent in place, not copied
+			}
+			off := rng.Int64N((testSize-int64(n))/4096) * 4096
+			if rng.IntN(4) == 0 {
+				off = 0 // overlaps: the goroutine fallback
+			}
+			p := make([]byte, n)
+			for j := range p {
+				p[j] = byte(rng.Uint32())
+			}
+			d := &doneRecorder{wg: &wg, sent: &sent}
+			recs = append(recs, d)
+			wg.Add(1)
+			v.WriteAsync(p, off, k < burst-1, d)
+		}
+		v.Unplug()
+		i += burst
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("writes not answered")
+	}
+	for _, d := range recs {
+		if e := d.err.Load(); e != nil {
+			t.Fatalf("write failed: %v", *e)
+		}
+	}
+}
+
+func TestWriteAsyncSyncMode(t *testing.T) {
+	a, b, fault := newPair(t, pairOpts{mode: ModeSync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(11, 3))
+	asyncBursts(t, a.v, rng, 2000)
+	if err := a.v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := a.v.Status().OutOfSyncBytes; got != 0 {
+		t.Fatalf("out of sync after sync writes: %d", got)
+	}
+	assertIdentical(t, a, b)
+
+	// Cut while bursts are in flight: every write is answered (the local
+	// copy stands), what the peer may lack is dirty, and the resync after
+	// the heal makes the replicas equal.
+	stop := make(chan struct{})
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		fault.setCut(true)
+		close(stop)
+	}()
+	asyncBursts(t, a.v, rng, 3000)
+	<-stop
+	asyncBursts(t, a.v, rng, 200) // with the peer away
+	fault.setCut(false)
+	waitFor(t, "resync", func() bool {
+		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0
+	})
+	asyncBursts(t, a.v, rng, 500)
+	if err := a.v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	assertIdentical(t, a, b)
+}
+
+// In async mode (and on a Secondary) WriteAsync is WriteAt on a goroutine.
+func TestWriteAsyncFallback(t *testing.T) {
+	a, b, _ := newPair(t, pairOpts{mode: ModeAsync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	var wg sync.WaitGroup
+	var sent atomic.Int64
+	d := &doneRecorder{wg: &wg, sent: &sent}
+	wg.Add(1)
+	a.v.WriteAsync(make([]byte, 4096), 0, false, d)
+	wg.Wait()
+	if e := d.err.Load(); e == nil || !errors.Is(*e, ErrNotPrimary) {
+		t.Fatalf("write on a Secondary: %v, want ErrNotPrimary", d.err.Load())
+	}
+	if sent.Load() != 1 {
+		t.Fatalf("SendHeld calls = %d, want 1", sent.Load())
+	}
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	asyncBursts(t, a.v, rand.New(rand.NewPCG(5, 5)), 500)
+	waitFor(t, "async drain", func() bool { return a.v.Status().OutOfSyncBytes == 0 && a.v.Status().Peer.InFlightWrites == 0 })
+	assertIdentical(t, a, b)
+}
+
+// A plugged burst's async writes leave at the unplug, and a plug never
+// holds back more than plugMaxHeld.
+func TestPlugBurstAsync(t *testing.T) {
+	a, b, _ := newPair(t, pairOpts{mode: ModeAsync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(4, 4))
+	drained := func() bool { st := a.v.Status(); return st.OutOfSyncBytes == 0 && st.Peer.InFlightWrites == 0 }
+	sent0, recv0 := a.v.link.stats.sentBytes.Load(), b.v.link.stats.recvBytes.Load()
+	a.v.PlugBurst()
+	randomWrites(t, a.v, rng, 64, 0, testSize) // 64 x 4-64 KiB: past the bound
+	queued := int64(a.v.link.stats.sentBytes.Load() - sent0)
+	waitFor(t, "all but plugMaxHeld shipped while plugged", func() bool {
+		return int64(b.v.link.stats.recvBytes.Load()-recv0) >= queued-plugMaxHeld
+	})
+	a.v.UnplugBurst()
+	waitFor(t, "the last write shipped at the unplug", drained)
+	assertIdentical(t, a, b)
+}

@@ -1,0 +1,76 @@
+package nbd
+
+// asyncWrite is a write started on an AsyncWriter; its Done does what
+// handle does after WriteAt returns.
+type asyncWrite struct {
+	c *conn
+	r request
+}
+
+// writeAsync starts r on dev from the reader. The budget is taken first;
+// should that wait for replies, what the device holds back leaves before.
+func (c *conn) writeAsync(dev AsyncWriter, r *request) {
+	r.cost = max(int64(r.Length), minRequestCost)
+	if !c.budget.tryAcquire(r.cost) {
+		dev.Unplug()
+		c.budget.acquire(r.cost)
+	}
+	c.handlers.Add(1)
+	c.active.Add(1)
+	a := &asyncWrite{c: c, r: *r}
+	dev.WriteAsync(*r.buf, int64(r.Offset), c.br.Buffered() >= requestHeaderSize, a)
+}
+
+func (a *asyncWrite) Done(err error) {
+	c, r := a.c, &a.r
+	defer c.handlers.Done()
+	defer c.active.Add(-1)
+	putBuf(r.buf)
+	st := &c.s.stats
+	st.writes.Add(1)
+	st.bytesWritten.Add(uint64(r.Length))
+	errno := uint32(0)
+	if err != nil {
+		errno = errnoOf(err)
+		st.errors.Add(1)
+		c.log.Warn().Err(err).Uint16("cmd", r.Type).Uint64("offset", r.Offset).Uint32("length", r.Length).
+			Uint32("nbd_errno", errno).Msg("request failed")
+	}
+	c.reply(r.Handle, errno, nil, true)
+	c.budget.release(r.cost)
+}
+
+func (a *asyncWrite) SendHeld() { a.c.flushHeld() }
+
+// tryAcquire is acquire when it would not wait.
+func (b *budget) tryAcquire(n int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.requestsIn > 0 && b.used+n > b.max {
+		return false
+	}
+	b.used += n
+	b.requestsIn++
+	return true
+}
+
+// unplug releases what the device holds for the reader's burst: sync
+// writes held back (AsyncWriter), and the plug of a LocalOnly device.
+func (c *conn) unplug(dev AsyncWriter) {
+	if dev != nil {
+		dev.Unplug()
+	}
+	if c.plugged {
+		c.plugged = false
+		c.plugger.UnplugBurst()
+	}
+}
+
+// plugBurst plugs a Plugger before a request served on the reader while
+// more are already read.
+func (c *conn) plugBurst() {
+	if c.plugger != nil && !c.plugged && c.br.Buffered() >= requestHeaderSize {
+		c.plugged = true
+		c.plugger.PlugBurst()
+	}
+}
