@@ -346,6 +346,11 @@ func (l *lab) unchainOnCleanup(script string, nodes ...*labNode) {
 	t := l.t
 	t.Cleanup(func() {
 		for _, n := range nodes {
+			// Maintenance first: the agent would otherwise see the mount
+			// gone and bring it back (local recovery) before the detach.
+			if out, err := n.admin("maintenance", "on"); err != nil {
+				t.Logf("cleanup: maintenance on %s: %v %s", n.name, err, out)
+			}
 			pid, err := os.ReadFile(filepath.Join(n.dir, "nbdfuse.pid"))
 			if err != nil {
 				continue
