@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -194,58 +193,13 @@ func (p *socketPairs) serve(s *Server, exp *Export) error {
 			return fmt.Errorf("socketpair conn: %w", err)
 		}
 		unix.CloseOnExec(fd)
-		s.serveConn(&kernelConn{f: os.NewFile(uintptr(fd), "nbd-kernel")}, exp)
+		// Read with blocking syscalls on the connection's own thread
+		// (see blockingConn): the kernel sends nothing but requests.
+		f := os.NewFile(uintptr(fd), "nbd-kernel")
+		s.serveConn(&blockingConn{f: f, local: kernelAddr{}, remote: kernelAddr{}}, exp)
 	}
 	return nil
 }
-
-// kernelConn is our end of a socketpair to the kernel, read and written
-// with plain blocking syscalls on the connection's own thread, as a
-// threaded C server does, not through Go's poller, which would add an
-// EAGAIN read and an epoll_wait to every request that finds the socket
-// empty. (In a 1-vCPU TCG VM the two measured alike within the noise;
-// what mattered there was giving the scheduler a second P, see
-// cmd/mirrord.) The fd is blocking, so os.File makes plain syscalls, and
-// it keeps a Close racing a blocked Read or a reply's Write safe.
-//
-// Deadlines: only one in the past is honoured, as "stop reading" (what
-// Server.Shutdown asks): shutdown(SHUT_RD) ends a blocked read with EOF
-// while replies can still be written.
-type kernelConn struct{ f *os.File }
-
-func (c *kernelConn) Read(b []byte) (int, error)  { return c.f.Read(b) }
-func (c *kernelConn) Write(b []byte) (int, error) { return c.f.Write(b) }
-
-func (c *kernelConn) shutdown(how int) error {
-	rc, err := c.f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = unix.Shutdown(int(fd), how) }); err != nil {
-		return err
-	}
-	return serr
-}
-
-func (c *kernelConn) Close() error {
-	// Wakes a reader blocked on the fd; the close itself waits for it.
-	_ = c.shutdown(unix.SHUT_RDWR)
-	return c.f.Close()
-}
-
-func (c *kernelConn) SetDeadline(t time.Time) error { return c.SetReadDeadline(t) }
-
-func (c *kernelConn) SetReadDeadline(t time.Time) error {
-	if !t.IsZero() && !t.After(time.Now()) {
-		return c.shutdown(unix.SHUT_RD)
-	}
-	return nil
-}
-
-func (c *kernelConn) SetWriteDeadline(time.Time) error { return nil }
-func (c *kernelConn) LocalAddr() net.Addr              { return kernelAddr{} }
-func (c *kernelConn) RemoteAddr() net.Addr             { return kernelAddr{} }
 
 type kernelAddr struct{}
 
