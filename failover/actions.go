@@ -56,6 +56,17 @@ type StopResources struct {
 	Reason string
 }
 
+// RecoverResources is local recovery (LifeKeeper's): stop the resource
+// From and every resource after it in the chain, in reverse, then start
+// them again in order; the resources before From keep running. An error
+// means they are not all up again.
+type RecoverResources struct {
+	ID      ActionID
+	From    string
+	Attempt int
+	Reason  string
+}
+
 // RequestVote asks the witness for the vote (a Primary renews it every
 // heartbeat interval). The answer comes back as a WitnessVote.
 type RequestVote struct {
@@ -107,20 +118,21 @@ type Record struct{ Decision Decision }
 // as soon as the witness has recorded the peer outdated.
 type DropReplication struct{ Reason string }
 
-func (DropReplication) isAction() {}
-func (Promote) isAction()         {}
-func (Demote) isAction()          {}
-func (Fence) isAction()           {}
-func (Unfence) isAction()         {}
-func (StartResources) isAction()  {}
-func (StopResources) isAction()   {}
-func (RequestVote) isAction()     {}
-func (ReleaseVote) isAction()     {}
-func (PeerPromote) isAction()     {}
-func (AnnounceIntent) isAction()  {}
-func (WithdrawIntent) isAction()  {}
-func (SaveEpoch) isAction()       {}
-func (Record) isAction()          {}
+func (DropReplication) isAction()  {}
+func (Promote) isAction()          {}
+func (Demote) isAction()           {}
+func (Fence) isAction()            {}
+func (Unfence) isAction()          {}
+func (StartResources) isAction()   {}
+func (StopResources) isAction()    {}
+func (RecoverResources) isAction() {}
+func (RequestVote) isAction()      {}
+func (ReleaseVote) isAction()      {}
+func (PeerPromote) isAction()      {}
+func (AnnounceIntent) isAction()   {}
+func (WithdrawIntent) isAction()   {}
+func (SaveEpoch) isAction()        {}
+func (Record) isAction()           {}
 
 // Kind classifies a decision.
 type Kind string
@@ -137,9 +149,10 @@ const (
 	KindForce      Kind = "force"      // ForcePromote accepted or refused
 	KindSwitchover Kind = "switchover" // planned switchover progress
 	KindFailback   Kind = "failback"
-	KindClock      Kind = "clock" // jump detected
-	KindMode       Kind = "mode"  // maintenance on/off
-	KindEpoch      Kind = "epoch" // epoch adopted
+	KindClock      Kind = "clock"    // jump detected
+	KindMode       Kind = "mode"     // maintenance on/off
+	KindEpoch      Kind = "epoch"    // epoch adopted
+	KindResource   Kind = "resource" // a failed resource check: local recovery, handover, or why neither
 	KindIgnored    Kind = "ignored"
 )
 

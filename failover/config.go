@@ -44,6 +44,24 @@ const (
 	DefaultMaxAsyncLagTime = 10 * time.Second
 	// DefaultSwitchoverTimeout bounds the drain of a planned switchover.
 	DefaultSwitchoverTimeout = 10 * time.Second
+	// DefaultLocalRecovery is LifeKeeper's: one restart in place before a
+	// failed resource moves the service to the peer, since most failures
+	// (a crashed daemon) are cured by a restart, which is cheaper than a
+	// switchover.
+	DefaultLocalRecovery = 1
+	// DefaultStartRetryInterval is how often a Primary whose resource
+	// chain failed to start, and that cannot hand over, tries again: the
+	// agent's default check interval, the same pace at which a running
+	// chain is watched.
+	DefaultStartRetryInterval = 10 * time.Second
+	// DefaultHandoverHold is how long a node that handed the service over
+	// because of a resource failure refuses a second such handover: if the
+	// service came back, the peer's resources failed too, and handing it
+	// over again would only bounce it between two broken nodes (Pacemaker
+	// bans a failed node for its failure-timeout the same way). Long
+	// enough for an operator to notice; short enough that a failure next
+	// week is handled afresh.
+	DefaultHandoverHold = 10 * time.Minute
 )
 
 // FailbackPolicy says whether a node that took over gives the volume back
@@ -131,6 +149,19 @@ type Config struct {
 	// SwitchoverTimeout bounds how long a planned switchover holds writes
 	// waiting for the target to catch up.
 	SwitchoverTimeout time.Duration
+	// LocalRecovery is how many times a resource that fails its check is
+	// restarted in place (with the resources after it) before the Primary
+	// hands over to its peer; default DefaultLocalRecovery, negative:
+	// never, hand over at the first failed check.
+	LocalRecovery int
+	// StartRetryInterval is how often a Primary whose resource chain
+	// failed to start, with its local recoveries used up and no handover
+	// possible, starts it again; default DefaultStartRetryInterval.
+	StartRetryInterval time.Duration
+	// HandoverHold is how long after handing the service over because of
+	// a resource failure this node hands over for a resource failure no
+	// more (it stays Primary, retrying); default DefaultHandoverHold.
+	HandoverHold time.Duration
 }
 
 // DefaultLAN returns the LAN defaults with two heartbeat paths. The caller
@@ -189,7 +220,19 @@ func (c *Config) fill() {
 	if c.Failback.Max == 0 {
 		c.Failback.Max = 1
 	}
+	if c.LocalRecovery == 0 {
+		c.LocalRecovery = DefaultLocalRecovery
+	}
+	if c.StartRetryInterval == 0 {
+		c.StartRetryInterval = DefaultStartRetryInterval
+	}
+	if c.HandoverHold == 0 {
+		c.HandoverHold = DefaultHandoverHold
+	}
 }
+
+// localRecoveries is how many local recoveries a failure gets.
+func (c Config) localRecoveries() int { return max(c.LocalRecovery, 0) }
 
 // DetectTimeout is how long every path must be silent before the peer is
 // lost: HeartbeatInterval * MissCount.
@@ -246,6 +289,10 @@ func (c Config) Validate() error {
 		return bad("MaxAsyncLagTime", "%v is negative", c.MaxAsyncLagTime)
 	case c.SwitchoverTimeout <= 0:
 		return bad("SwitchoverTimeout", "%v is not positive", c.SwitchoverTimeout)
+	case c.StartRetryInterval < 0:
+		return bad("StartRetryInterval", "%v is negative", c.StartRetryInterval)
+	case c.HandoverHold < 0:
+		return bad("HandoverHold", "%v is negative", c.HandoverHold)
 	case c.Failback.Policy > FailbackWindow:
 		return bad("Failback.Policy", "unknown policy %d", c.Failback.Policy)
 	case c.Failback.Max < 1:

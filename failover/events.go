@@ -110,6 +110,33 @@ type Handover struct {
 	Epoch uint64
 }
 
+// ResourceCheck is one check of the running resource chain (each
+// resource's monitor, LifeKeeper's quick check), in start order. The
+// runner steps it only while the chain is up and only if no start, stop
+// or recovery of the chain ran while it checked: an older check says
+// nothing about the chain as it is now.
+type ResourceCheck struct {
+	Resources []ResourceHealth
+}
+
+// ResourceHealth is one resource's check.
+type ResourceHealth struct {
+	Name string `json:"name"`
+	// Error is why the check failed ("": the resource looks alive).
+	Error string `json:"error,omitempty"`
+}
+
+// ResourceStartFailed: the runner started the resource chain outside the
+// machine (the operator promoted the volume directly) and the start
+// failed and rolled back. The machine takes it as a failed start of its
+// own StartResources: local recovery, then a handover or retries.
+type ResourceStartFailed struct{ Err error }
+
+// ResourceNamer is an error that names the resource at fault (the
+// resource chain's start error does); the machine's decisions and status
+// then name that resource rather than the whole chain.
+type ResourceNamer interface{ FailedResource() string }
+
 // ActionResult reports how an action with an ID went. The runner reports
 // every such action exactly once.
 type ActionResult struct {
@@ -117,14 +144,16 @@ type ActionResult struct {
 	Err error
 }
 
-func (Tick) isEvent()           {}
-func (Heartbeat) isEvent()      {}
-func (WitnessVote) isEvent()    {}
-func (LocalState) isEvent()     {}
-func (Switchover) isEvent()     {}
-func (ForcePromote) isEvent()   {}
-func (Confirm) isEvent()        {}
-func (Deny) isEvent()           {}
-func (SetMaintenance) isEvent() {}
-func (Handover) isEvent()       {}
-func (ActionResult) isEvent()   {}
+func (Tick) isEvent()                {}
+func (Heartbeat) isEvent()           {}
+func (WitnessVote) isEvent()         {}
+func (LocalState) isEvent()          {}
+func (Switchover) isEvent()          {}
+func (ForcePromote) isEvent()        {}
+func (Confirm) isEvent()             {}
+func (Deny) isEvent()                {}
+func (SetMaintenance) isEvent()      {}
+func (Handover) isEvent()            {}
+func (ActionResult) isEvent()        {}
+func (ResourceCheck) isEvent()       {}
+func (ResourceStartFailed) isEvent() {}

@@ -113,6 +113,15 @@
 //     as events.
 //   - Carry out DropReplication beside the loop (ending a session waits
 //     for its teardown).
+//   - While the resource chain is up, check it periodically and step each
+//     check as a ResourceCheck (never one that overlapped a start, stop or
+//     restart of the chain); carry out RecoverResources by restarting the
+//     named resource and those after it. The machine decides between
+//     local recovery and a handover to the peer (see recovery.go).
+//   - Report a failed start of the chain as StartResources' error (one
+//     that names the resource, a ResourceNamer, for status), and one made
+//     outside the machine (an operator's promotion) as ResourceStartFailed:
+//     the machine starts it again, hands over or retries.
 package failover
 
 import (

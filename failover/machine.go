@@ -47,6 +47,7 @@ const (
 	opStop
 	opRelease
 	opPeerPromote
+	opRecover
 )
 
 type promoteKind uint8
@@ -77,6 +78,8 @@ type switchover struct {
 	id       ActionID
 	why      string
 	stopped  bool // resources were stopped: an abort restarts them
+	// resource: a handover for a failed resource (see Config.HandoverHold).
+	resource bool
 }
 
 // Machine is the failover agent's decision core. It is not safe for
@@ -135,7 +138,12 @@ type Machine struct {
 	demoting    ActionID
 	demoteRetry time.Time
 
-	sw             *switchover
+	sw *switchover
+	// rf is the current failure of a resource check or start (nil: none).
+	rf *resourceFailure
+	// gaveUpAt is when this node last handed the service over because of
+	// a resource failure (zero: never); see Config.HandoverHold.
+	gaveUpAt       time.Time
 	failedOverFrom string
 	syncedSince    time.Time
 	fbKey          string
@@ -198,6 +206,11 @@ func (m *Machine) Step(e Event) []Action {
 		m.onHandover(e)
 	case ActionResult:
 		m.onResult(e)
+	case ResourceCheck:
+		m.onResourceCheck(e)
+	case ResourceStartFailed:
+		m.record(KindPromote, false, fmt.Sprintf("resources failed to start after the operator's promotion: %v", e.Err))
+		m.startFailed(e.Err)
 	}
 	m.evaluate()
 	out := m.out
@@ -258,7 +271,7 @@ func (m *Machine) jump(t time.Time, d time.Duration) {
 		// instant ago in real time: clamp it. Evidence is never stretched
 		// (a backward jump never shortens a timeout) and deadlines keep
 		// their remaining time.
-		for _, x := range []*time.Time{&m.start, &m.peerAt, &m.voteAt, &m.lapsedAt, &m.reqAt, &m.fencedAt, &m.lostAt, &m.syncedSince, &m.claimAt} {
+		for _, x := range []*time.Time{&m.start, &m.peerAt, &m.voteAt, &m.lapsedAt, &m.reqAt, &m.fencedAt, &m.lostAt, &m.syncedSince, &m.claimAt, &m.gaveUpAt} {
 			*x = earlier(*x, t)
 		}
 	}
@@ -278,6 +291,9 @@ func (m *Machine) jump(t time.Time, d time.Duration) {
 	}
 	shift(&m.retryAt)
 	shift(&m.demoteRetry)
+	if m.rf != nil {
+		shift(&m.rf.retryAt)
+	}
 	dir, abs := "forward", d
 	if d < 0 {
 		dir, abs = "backward", -d
@@ -348,6 +364,9 @@ func (m *Machine) onLocal(s LocalState) {
 	if !m.isPending(opPromote) && !m.isPending(opDemote) {
 		m.role = s.Role
 	}
+	if m.role != RolePrimary {
+		m.rf = nil // demoted by hand: a Secondary runs no resources
+	}
 	if !m.isPending(opFence) && !m.isPending(opUnfence) && m.sw == nil {
 		if s.Fenced && (!m.fenced || first) {
 			m.fencedAt = m.now
@@ -384,7 +403,7 @@ func (m *Machine) onResult(r ActionResult) {
 		if m.promoteKind != pkSwitchover {
 			m.failedOverFrom = m.cfg.Peer
 		}
-		m.syncedSince = time.Time{}
+		m.syncedSince, m.rf = time.Time{}, nil
 		m.reqAt = time.Time{} // register the new epoch with the witness now
 		id := m.id(opStart)
 		m.emit(StartResources{ID: id, Reason: "promoted"})
@@ -409,13 +428,13 @@ func (m *Machine) onResult(r ActionResult) {
 			m.record(KindFence, false, fmt.Sprintf("unfence failed: %v; still fenced", r.Err))
 		}
 	case opStart:
-		if r.Err != nil {
-			m.record(KindPromote, false, fmt.Sprintf("resources failed to start: %v", r.Err))
-		}
+		m.started(r)
 	case opStop:
 		if r.Err != nil {
 			m.record(KindDemote, false, fmt.Sprintf("resources failed to stop: %v", r.Err))
 		}
+	case opRecover:
+		m.recovered(r)
 	case opPeerPromote:
 		if r.Err != nil {
 			m.record(KindSwitchover, false, fmt.Sprintf("could not ask %s to promote: %v: no node is Primary; promote %s by hand", m.cfg.Peer, r.Err, m.cfg.Peer))
@@ -427,6 +446,7 @@ func (m *Machine) onResult(r ActionResult) {
 func (m *Machine) stepDown() {
 	m.role, m.fenced, m.forced, m.confirmed = RoleSecondary, false, false, false
 	m.failedOverFrom, m.syncedSince, m.claim = "", time.Time{}, false
+	m.rf = nil
 }
 
 // ---- evaluation ----

@@ -19,6 +19,9 @@ type harness struct {
 	// holdStop leaves StopResources unanswered (a slow stop): the test
 	// steps its result.
 	holdStop bool
+	// startErr, if set, is the result of every StartResources (a chain
+	// that fails to start).
+	startErr error
 }
 
 func newHarness(t *testing.T, node, peer string, tune func(*Config)) *harness {
@@ -59,7 +62,7 @@ func (h *harness) step(e Event) []Action {
 		case Unfence:
 			more = append(more, h.step(ActionResult{ID: a.ID})...)
 		case StartResources:
-			more = append(more, h.step(ActionResult{ID: a.ID})...)
+			more = append(more, h.step(ActionResult{ID: a.ID, Err: h.startErr})...)
 		case StopResources:
 			if !h.holdStop {
 				more = append(more, h.step(ActionResult{ID: a.ID})...)
@@ -704,7 +707,8 @@ func TestReturningPrimaryDemotes(t *testing.T) {
 			if !ok {
 				return
 			}
-			// Fence first, stop resources, demote: in that order.
+			// Fence first, in error mode (writes fail, none hangs the
+			// stop), stop resources, demote: in that order.
 			var order []string
 			for _, a := range acts {
 				switch a.(type) {
@@ -715,11 +719,49 @@ func TestReturningPrimaryDemotes(t *testing.T) {
 			if strings.Join(order, " ") != "failover.Fence failover.StopResources failover.Demote" {
 				t.Fatalf("order %v", order)
 			}
+			if f, _ := find[Fence](acts); f.How != FenceError {
+				t.Fatalf("stepped down with %+v, want error mode", f)
+			}
 			h.step(ActionResult{ID: d.ID})
 			if s := h.m.Status(); s.Role != RoleSecondary || s.Fenced {
 				t.Fatalf("%+v", s)
 			}
 		})
+	}
+}
+
+// A Primary already holding writes (suspend: here it lost quorum) that
+// hears a newer Primary switches the fence to error mode before it stops
+// its resources: the held writes fail instead of hanging an unmount, and
+// none is acknowledged.
+func TestSteppingDownFailsHeldWrites(t *testing.T) {
+	cfg := DefaultLAN()
+	cfg.Node, cfg.Peer, cfg.Witness = "a", "b", true
+	m, err := New(cfg, HardState{Epoch: 3}, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{t: t, m: m, now: t0}
+	h.vote = func(r RequestVote) *WitnessVote { return &WitnessVote{Granted: true, Epoch: r.Epoch} }
+	h.local(LocalState{Role: RolePrimary, Disk: DiskUpToDate, Connected: true, PeerDisk: DiskUpToDate})
+	h.steady(secondaryB, 2*time.Second)
+	h.vote = nil // the witness goes silent, b too: quorum lost
+	acts := h.ticks(50*time.Millisecond, 4*time.Second)
+	if f, ok := find[Fence](acts); !ok || f.How != FenceSuspend || !h.m.Status().Fenced {
+		t.Fatalf("not holding writes: %v\n%s", acts, h.decisions())
+	}
+	acts = h.hb(4100*time.Millisecond, Beacon{Node: "b", Role: RolePrimary, Disk: DiskUpToDate, Epoch: 4})
+	var order []string
+	for _, a := range acts {
+		switch a := a.(type) {
+		case Fence:
+			order = append(order, "Fence:"+a.How.String())
+		case StopResources, Demote:
+			order = append(order, strings.TrimPrefix(fmt.Sprintf("%T", a), "failover."))
+		}
+	}
+	if got := strings.Join(order, " "); got != "Fence:error StopResources Demote" {
+		t.Fatalf("step-down order %q\n%s", got, h.decisions())
 	}
 }
 

@@ -237,6 +237,9 @@ func (m *Machine) switchoverResult(o op, err error) {
 }
 
 func (m *Machine) finishSwitchover() {
+	if m.sw.resource {
+		m.gaveUpAt = m.now
+	}
 	m.emit(PeerPromote{ID: m.id(opPeerPromote), Epoch: m.epoch})
 	m.record(KindSwitchover, true, fmt.Sprintf("demoted (%s); asked %s to promote", m.sw.why, m.cfg.Peer))
 	m.sw = nil

@@ -31,8 +31,17 @@ func (m *Machine) twoPrimaries() {
 	if !m.auto("primary", "demote", KindDemote, cause) {
 		return
 	}
-	if !m.fenced {
-		m.fence(m.cfg.Fencing, "stepping down for "+m.cfg.Peer)
+	// Fenced in error mode whatever failover.fencing says, and writes
+	// already held fail now: the resources stop next, and an
+	// application's shutdown or an unmount whose writes were held would
+	// hang until the stop timed out, leaving the demotion stuck behind a
+	// busy device. Failing them acknowledges nothing, and the node must
+	// not acknowledge any write once it knows of a newer Primary; the
+	// demotion would fail held writes anyway.
+	if !m.fenced || m.fenceHow != FenceError {
+		why := "stepping down for " + m.cfg.Peer + ": writes fail (EIO) so that stopping the resources cannot hang on them"
+		m.fence(FenceError, why)
+		m.recordTopic("fence", "step-down", KindFence, true, "fenced (error): "+why)
 	}
 	m.emit(StopResources{ID: m.id(opStop), Reason: "stepping down"})
 	m.demoting = m.id(opDemote)
@@ -84,6 +93,7 @@ func (m *Machine) primary() {
 		m.confirmed = true
 		m.noteServing()
 	}
+	m.retryStart()
 	m.failback()
 }
 

@@ -62,10 +62,15 @@ type simNode struct {
 	disk      DiskState
 	fenced    bool
 	resources bool
-	chain     int    // writes applied
-	hash      uint64 // lineage: hash of every write applied
-	resyncing bool
-	resyncInc int
+	// appFault: the resource "app" fails its check; appBroken: and a
+	// restart does not cure it.
+	appFault, appBroken bool
+	// startBroken: the chain fails to start (app refuses) and rolls back.
+	startBroken bool
+	chain       int    // writes applied
+	hash        uint64 // lineage: hash of every write applied
+	resyncing   bool
+	resyncInc   int
 
 	offset  time.Duration // local clock = simulated time + offset
 	phase   time.Duration // tick phase
@@ -327,11 +332,23 @@ func (c *cluster) apply(n *simNode, acts []Action) {
 			n.fenced = false
 			ok(a.ID, nil)
 		case StartResources:
-			n.resources = true
-			ok(a.ID, nil)
+			var err error
+			if n.startBroken {
+				err = startError{"app", "start app: exit status 3; rolled back ip"}
+			}
+			n.resources = err == nil
+			ok(a.ID, err)
 		case StopResources:
 			n.resources = false
 			ok(a.ID, nil)
+		case RecoverResources:
+			var err error
+			if n.appBroken {
+				err = errors.New("start app: exit status 3")
+			} else {
+				n.appFault = false
+			}
+			ok(a.ID, err)
 		case RequestVote:
 			if !c.up[wlink(n)] || !c.wUp {
 				continue
@@ -488,6 +505,19 @@ func (c *cluster) run(d time.Duration) {
 		c.checkWritable()
 	}
 	c.now = until
+}
+
+// monitor checks n's running resource chain (a floating IP and an app),
+// as the runner does every monitor interval.
+func (c *cluster) monitor(n *simNode) {
+	if !n.up || !n.resources {
+		return
+	}
+	ck := ResourceCheck{Resources: []ResourceHealth{{Name: "ip"}, {Name: "app"}}}
+	if n.appFault {
+		ck.Resources[1].Error = "monitor app: exit status 1"
+	}
+	c.step(n, ck)
 }
 
 func (c *cluster) crash(n *simNode) {

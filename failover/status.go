@@ -23,6 +23,9 @@ type Status struct {
 	Intent     *Intent
 	// Switchover is the phase of a planned switchover ("" if none).
 	Switchover string
+	// ResourceFailure is a failed resource check being dealt with (local
+	// recovery, handover, or neither and why: see Last and the history).
+	ResourceFailure *ResourceFailure
 	// Last is the last decision recorded.
 	Last Decision
 }
@@ -75,7 +78,7 @@ func (m *Machine) Status() Status {
 		},
 		Quorum: QuorumStatus{Configured: m.cfg.Witness, Answered: m.haveVote, Holder: m.vote.Holder,
 			Granted: m.vote.Granted, Epoch: m.vote.Epoch, At: m.voteAt},
-		Last: m.last,
+		Last: m.last, ResourceFailure: m.resourceStatus(),
 	}
 	s.Peer.State = Lost
 	for _, p := range f.Paths {

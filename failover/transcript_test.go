@@ -41,6 +41,32 @@ func TestTranscripts(t *testing.T) {
 			c.heal()
 			c.run(2 * time.Second)
 		}},
+		{"resource-failure", func(c *cluster) {
+			// Cured by a local recovery, then broken for good: the
+			// restart fails and a hands over to b.
+			c.run(2 * time.Second)
+			a := c.n[0]
+			a.resources = true // set up as Primary, its chain up
+			a.appFault = true
+			c.monitor(a)
+			c.run(500 * time.Millisecond)
+			c.monitor(a)
+			a.appFault, a.appBroken = true, true
+			c.monitor(a)
+			c.run(2 * time.Second)
+		}},
+		{"start-failure", func(c *cluster) {
+			// b takes over a dead a, but its chain fails to start:
+			// one more try (the local recovery), then b stays Primary
+			// and retries every 10 s; once a is back in sync, b's next
+			// failed retry hands the service to a, whose chain starts.
+			c.run(2 * time.Second)
+			c.n[1].startBroken = true
+			c.crash(c.n[0])
+			c.run(5 * time.Second)
+			c.restart(c.n[0])
+			c.run(15 * time.Second)
+		}},
 		{"switchover", func(c *cluster) {
 			c.run(2 * time.Second)
 			c.step(c.n[0], Switchover{})

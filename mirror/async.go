@@ -22,6 +22,19 @@ import (
 // until the drainer has sent the last record: a write that completed
 // before another started is never sent after it.
 
+// cost is what an async op counts against the in-flight window, the
+// journal's queue and the lag: the data a write carries. A zero or trim
+// carries none, only its frame (header and length), however large its
+// range: counted at its length, one trim of the whole disk would fill the
+// window, send the Primary into the journal or Ahead, and report a lag of
+// gigabytes that costs 40 bytes to send.
+func (o op) cost() int64 {
+	if o.kind == opZero {
+		return wan.HeaderSize + 8
+	}
+	return o.n
+}
+
 type spillResult uint8
 
 const (
@@ -45,10 +58,10 @@ func (s *session) replicateAsync(o op) (ok bool, err error) {
 		v.dirty.Set(o.off, o.n)
 		return true, v.apply(o)
 	}
-	if s.reserve(o.n) {
+	if cost := o.cost(); s.reserve(cost) {
 		h, payload := writeFrame(o) // copied into the frame buffer before transmit returns
-		if _, ok := s.transmit(h, payload, nil, &tlEntry{kind: entWrite, off: o.off, n: o.n}); !ok {
-			s.release(o.n)
+		if _, ok := s.transmit(h, payload, nil, &tlEntry{kind: entWrite, off: o.off, n: o.n, cost: cost}); !ok {
+			s.release(cost)
 			return false, nil
 		}
 		return true, v.apply(o)
@@ -266,13 +279,13 @@ func (s *session) drainLoop() {
 			if !ok {
 				break
 			}
-			if !s.waitRoom(e.n) {
+			if !s.waitRoom(e.cost) {
 				return
 			}
 			r, b, err := j.read(e, buf)
 			buf = b
 			if err != nil {
-				s.release(e.n)
+				s.release(e.cost)
 				s.fail(fmt.Errorf("journal: %w", err))
 				return
 			}
@@ -280,9 +293,9 @@ func (s *session) drainLoop() {
 			// before transmit returns.
 			j.markSent(s, e.seq)
 			h, payload := writeFrame(r.op())
-			te := &tlEntry{kind: entWrite, off: e.off, n: e.n, journaled: true, jseq: e.seq, written: e.time}
+			te := &tlEntry{kind: entWrite, off: e.off, n: e.n, cost: e.cost, journaled: true, jseq: e.seq, written: e.time}
 			if _, ok := s.transmit(h, payload, nil, te); !ok {
-				s.release(e.n)
+				s.release(e.cost)
 				return
 			}
 		}

@@ -192,15 +192,15 @@ const blocks = 1500
 // overflowThenRecover starts an async pair (resync at 1 MiB/s) with peer,
 // stalls the link until the Primary is Ahead, and lets it flow again: the
 // catch-up follows. read reads the target's disk.
-func overflowThenRecover(t *testing.T, peer func(*PeerConfig)) (b *node, fault *netFault, read func(p []byte, off int64) error) {
+func overflowThenRecover(t *testing.T, peer func(*PeerConfig)) (a, b *node, fault *netFault, read func(p []byte, off int64) error) {
 	t.Helper()
-	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: peer})
+	a, b, fault = asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: peer})
 	writeStamped(t, a.v, 0, 300)
 	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
 	stallAndOverflow(t, a, fault, 300, blocks)
 	read = fileReader(t, filepath.Join(b.dir, "disk.img"))
 	fault.paused.Store(false)
-	return b, fault, read
+	return a, b, fault, read
 }
 
 // TestPromoteMidCatchUpRollsBack loses the primary at several points of
@@ -217,7 +217,7 @@ func TestPromoteMidCatchUpRollsBack(t *testing.T) {
 		{"most, after a target restart", 3 << 20, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b, fault, read := overflowThenRecover(t, journalPeer(256<<10, 1<<20))
+			_, b, fault, read := overflowThenRecover(t, journalPeer(256<<10, 1<<20))
 			var image int
 			waitFor(t, "catch-up under way", func() bool {
 				if b.v.Status().UndoBytes == 0 {
@@ -256,6 +256,97 @@ func TestPromoteMidCatchUpRollsBack(t *testing.T) {
 		})
 	}
 }
+
+// TestInterruptedCatchUpResumesByBitmap: the target of a catch-up after
+// Ahead restarts mid-way while the Primary writes nothing (so both still
+// hold the same generation). Its Hello says it holds the undo log of an
+// interrupted bitmap resync, and the catch-up resumes from the Primary's
+// bitmap with that log kept, instead of a full resync; the image the log
+// guards is still the one from before the catch-up.
+func TestInterruptedCatchUpResumesByBitmap(t *testing.T) {
+	a, b, fault, read := overflowThenRecover(t, journalPeer(256<<10, 1<<20))
+	waitFor(t, "catch-up under way", func() bool {
+		return b.v.Status().UndoBytes > 0 && b.v.link.stats.resyncBytes.Load() >= 1<<20
+	})
+	fault.setCut(true)
+	waitFor(t, "both see the cut", func() bool {
+		return a.v.link.current() == nil && b.v.link.current() == nil
+	})
+	left := a.v.Status().OutOfSyncBytes
+	gen := a.v.Generations()
+	addr := b.v.PeerListenAddr().String()
+	if err := b.v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b.opts.Peer.Listen = addr // where a dials
+	b.reopen(t)
+	undo := b.v.Status().UndoBytes
+	if b.v.Disk() != DiskInconsistent || undo == 0 || !b.v.resyncHeld() {
+		t.Fatalf("target restarted mid catch-up: disk %s, undo %d", b.v.Disk(), undo)
+	}
+	if b.v.Generations().Current != gen.Current {
+		t.Fatalf("test setup: generations moved apart (%x, %x)", b.v.Generations().Current, gen.Current)
+	}
+	sentBefore := a.v.link.stats.resyncBytes.Load()
+	fault.setCut(false)
+	waitFor(t, "the catch-up resumed and finished", func() bool {
+		if st := b.v.Status(); st.UndoBytes != 0 && st.UndoBytes < undo {
+			t.Fatalf("undo log shrank from %d to %d bytes: restarted instead of kept", undo, st.UndoBytes)
+		}
+		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0 && b.v.Disk() == DiskUpToDate
+	})
+	sent := int64(a.v.link.stats.resyncBytes.Load() - sentBefore)
+	if sent > left || sent >= testSize/2 {
+		t.Fatalf("resumed resync sent %d bytes with %d left (volume %d): not a bitmap resync", sent, left, int64(testSize))
+	}
+	if r := a.v.Status().Peer.Reason; !strings.Contains(r, "interrupted bitmap resync resumes") {
+		t.Fatalf("Primary's reason for the resync: %q", r)
+	}
+	if st := b.v.Status(); st.UndoBytes != 0 {
+		t.Fatalf("undo log still %d bytes after the resumed catch-up", st.UndoBytes)
+	}
+	if got := prefixLen(t, read, blocks); got != blocks {
+		t.Fatalf("target holds blocks 0..%d of %d", got, blocks)
+	}
+	assertIdentical(t, a, b)
+	t.Logf("%d bytes left at the cut, %d sent after the restart (undo log kept: %d bytes)", left, sent, undo)
+}
+
+// TestAsyncTrimCountsFrameSize: with the link stalled, trims of the whole
+// disk count their 40-byte frames against the in-flight window and the
+// lag, not their 16 MiB ranges: they neither spill to the journal nor send
+// the Primary Ahead, and reach the target once the link flows.
+func TestAsyncTrimCountsFrameSize(t *testing.T) {
+	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(256<<10, 2<<20)})
+	writeStamped(t, a.v, 0, 100)
+	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
+	spilled := a.v.Status().Peer.Journal.SpilledWrites // the base overflowed the window
+	fault.paused.Store(true)
+	const trims = 10
+	for range trims {
+		if err := a.v.Trim(0, testSize, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const frame = wanFrameCost * trims
+	st := a.v.Status().Peer
+	lag, _ := a.v.Lag()
+	fault.paused.Store(false) // before any Fatal: a paused link holds the close
+	if st.Replication != string(ReplEstablished) || st.Journal.SpilledWrites != spilled || st.Journal.QueuedBytes != 0 {
+		t.Fatalf("trims while stalled: replication %s, journal %+v; want them all in the window", st.Replication, st.Journal)
+	}
+	if st.InFlightWrites != trims || st.InFlightBytes != frame {
+		t.Fatalf("in flight: %d writes, %d bytes; want %d, %d", st.InFlightWrites, st.InFlightBytes, trims, frame)
+	}
+	if lag != frame {
+		t.Fatalf("lag = %d bytes, want %d (the frames)", lag, frame)
+	}
+	waitFor(t, "trims acknowledged", func() bool { n, _ := a.v.Lag(); return n == 0 })
+	assertIdentical(t, a, b)
+}
+
+// wanFrameCost is a trim's frame: header and u64 length.
+const wanFrameCost = 32 + 8
 
 func TestLagPolicies(t *testing.T) {
 	const bound = 1 << 20
@@ -402,7 +493,7 @@ func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
 // held before the catch-up.
 func TestCatchUpPausesAtUndoCap(t *testing.T) {
 	const undoCap = 512 << 10
-	b, fault, read := overflowThenRecover(t, func(pc *PeerConfig) {
+	_, b, fault, read := overflowThenRecover(t, func(pc *PeerConfig) {
 		journalPeer(256<<10, 1<<20)(pc)
 		pc.UndoMaxSize = undoCap
 	})

@@ -45,6 +45,9 @@ type nodeState struct {
 	Gen         Generations
 	Pristine    bool // created by mirrord, never written: all zeroes
 	DiscardMine bool // operator resolved a split brain against this node
+	// ResyncHeld: an Inconsistent disk that is the target of an
+	// interrupted bitmap resync, its undo log kept (wan.HelloResyncHeld).
+	ResyncHeld bool
 }
 
 // decision is the outcome of comparing two nodes' states on connect.
@@ -105,12 +108,19 @@ func decideRaw(l, p nodeState) decision {
 	if !pData {
 		if d, ok := relate(l, p); ok && d.Action == ActSource {
 			return d
+		} else if ok && d.Action == ActNone && p.ResyncHeld && p.Gen.Current != 0 {
+			// Same generation: an interrupted catch-up, not an initial
+			// full sync. The source's bitmap still names every region
+			// the target lacks.
+			return decision{Action: ActSource, Reason: "peer's interrupted bitmap resync resumes (its undo log holds its last consistent image)"}
 		}
 		return decision{Action: ActSource, Full: true, Reason: "peer has no consistent data"}
 	}
 	if !lData {
 		if d, ok := relate(l, p); ok && d.Action == ActTarget {
 			return d
+		} else if ok && d.Action == ActNone && l.ResyncHeld && l.Gen.Current != 0 {
+			return decision{Action: ActTarget, Reason: "this node's interrupted bitmap resync resumes (its undo log holds its last consistent image)"}
 		}
 		return decision{Action: ActTarget, Full: true, Reason: "local disk has no consistent data"}
 	}

@@ -37,6 +37,9 @@ func TestDecide(t *testing.T) {
 		{"peer new and empty: full", up("a", RolePrimary, Generations{Current: X}), nodeState{Name: "b", Disk: DiskInconsistent}, ActSource, true},
 		{"both inconsistent", nodeState{Name: "a", Disk: DiskInconsistent, Gen: Generations{Current: X}}, nodeState{Name: "b", Disk: DiskInconsistent}, ActNoSource, false},
 		{"interrupted resync resumes by bitmap", up("a", RolePrimary, Generations{Current: Y, Bitmap: X}), nodeState{Name: "b", Disk: DiskInconsistent, Gen: Generations{Current: X}}, ActSource, false},
+		{"interrupted catch-up resumes by bitmap", up("a", RolePrimary, Generations{Current: X}), nodeState{Name: "b", Disk: DiskInconsistent, Gen: Generations{Current: X}, ResyncHeld: true}, ActSource, false},
+		{"interrupted initial full sync stays full", up("a", RolePrimary, Generations{Current: X}), nodeState{Name: "b", Disk: DiskInconsistent, Gen: Generations{Current: X}}, ActSource, true},
+		{"held resync of another generation: full", up("a", RolePrimary, Generations{Current: Y, History: [2]uint64{X}}), nodeState{Name: "b", Disk: DiskInconsistent, Gen: Generations{Current: X}, ResyncHeld: true}, ActSource, true},
 		{"primary behind refuses", up("a", RolePrimary, Generations{Current: X}), up("b", RoleSecondary, Generations{Current: Y, Bitmap: X}), ActPrimaryBehind, false},
 		{"returning old primary demoted is target", up("a", RoleSecondary, Generations{Current: X}), up("b", RolePrimary, Generations{Current: Y, Bitmap: X}), ActTarget, false},
 	}

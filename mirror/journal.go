@@ -260,7 +260,7 @@ type jentry struct {
 	off, n int64
 	time   int64
 	epoch  uint64
-	size   int64 // data bytes (writes), for the byte counts
+	cost   int64 // window and lag bytes (op.cost)
 }
 
 // journal is the open ring. mu serializes appends, sends and acks: order
@@ -501,10 +501,10 @@ func (j *journal) appendLocked(o op, now time.Time, epoch uint64) error {
 	}
 	j.nextSeq = r.seq + 1
 	j.head = pos + size
-	j.ents = append(j.ents, jentry{seq: r.seq, pos: pos, end: j.head, off: o.off, n: o.n, time: r.time, epoch: epoch, size: int64(len(r.payload))})
-	j.queued += o.n
+	j.ents = append(j.ents, jentry{seq: r.seq, pos: pos, end: j.head, off: o.off, n: o.n, time: r.time, epoch: epoch, cost: o.cost()})
+	j.queued += o.cost()
 	j.stats.spilled++
-	j.stats.spilledBytes += uint64(o.n)
+	j.stats.spilledBytes += uint64(o.cost())
 	j.stats.highWater = max(j.stats.highWater, j.used())
 	j.countRegions(o.off, o.n, 1)
 	return nil
@@ -643,7 +643,7 @@ func (j *journal) markSent(s *session, seq uint64) {
 	if j.owner != s || j.first+j.sent >= len(j.ents) || j.ents[j.first+j.sent].seq != seq {
 		return
 	}
-	j.queued -= j.ents[j.first+j.sent].n
+	j.queued -= j.ents[j.first+j.sent].cost
 	j.sent++
 }
 

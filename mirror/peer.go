@@ -224,6 +224,9 @@ type link struct {
 
 	shaper *shaper
 	zstd   *wan.Compressor // shared by the link's sessions, for the ratio in status
+	// noOptional: the peer refused a Hello with optional flags (a build
+	// from before they were ignored); later Hellos carry none.
+	noOptional atomic.Bool
 }
 
 type linkStats struct {

@@ -22,7 +22,20 @@ func (v *Volume) hello() wan.Hello {
 	if sb.flags&flagDiscardMine != 0 {
 		h.Flags |= wan.HelloDiscardMine
 	}
+	if v.resyncHeld() {
+		h.Flags |= wan.HelloResyncHeld
+	}
 	return h
+}
+
+// resyncHeld reports that this disk is the target of an interrupted
+// bitmap resync whose undo log still holds its last consistent image: the
+// disk is Inconsistent, but only in the regions that resync touched, and
+// a bitmap resync of the same generation completes it. An interrupted
+// initial full sync has no undo log (nothing consistent to keep) and so
+// is resumed by a full one.
+func (v *Volume) resyncHeld() bool {
+	return v.Disk() == DiskInconsistent && v.undo.Load() != nil
 }
 
 func (v *Volume) nodeState() nodeState {
@@ -30,6 +43,7 @@ func (v *Volume) nodeState() nodeState {
 	return nodeState{
 		Name: v.node, Role: v.Role(), Disk: v.Disk(), Gen: sb.gen,
 		Pristine: v.pristine.Load(), DiscardMine: sb.flags&flagDiscardMine != 0,
+		ResyncHeld: v.resyncHeld(),
 	}
 }
 
@@ -37,6 +51,7 @@ func helloState(h wan.Hello) nodeState {
 	return nodeState{
 		Name: h.Node, Role: Role(h.Role), Disk: DiskState(h.Disk), Gen: fromWan(h.Gen),
 		Pristine: h.Flags&wan.HelloNeverWritten != 0, DiscardMine: h.Flags&wan.HelloDiscardMine != 0,
+		ResyncHeld: h.Flags&wan.HelloResyncHeld != 0,
 	}
 }
 

@@ -59,21 +59,22 @@ const (
 	sendWait
 )
 
-// send adds one frame. before, if set, runs under the lock just before the
-// frame is encoded (sequence numbers are assigned there so that stream
-// order and sequence order agree).
-func (p *sendPath) send(h wan.Header, payload []byte, mode sendMode, before func(*wan.Header) bool) (bool, error) {
+// send adds one frame and returns the batch that carries it (see
+// waitWritten). before, if set, runs under the lock just before the frame
+// is encoded (sequence numbers are assigned there so that stream order and
+// sequence order agree).
+func (p *sendPath) send(h wan.Header, payload []byte, mode sendMode, before func(*wan.Header) bool) (uint64, bool, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.err != nil {
-		return false, p.err
+		return 0, false, p.err
 	}
 	if before != nil && !before(&h) {
-		return false, nil
+		return 0, false, nil
 	}
 	if err := p.cur.WriteFrame(h, payload); err != nil {
 		p.err = err
-		return true, err
+		return 0, true, err
 	}
 	id := p.batch
 	switch {
@@ -85,7 +86,20 @@ func (p *sendPath) send(h wan.Header, payload []byte, mode sendMode, before func
 			p.cond.Wait()
 		}
 	}
-	return true, p.err
+	return id, true, p.err
+}
+
+// waitWritten returns once batch id has left (or the path failed). A sync
+// writer whose payload went out in place calls it before reusing the
+// buffer: the peer's ack proves the bytes arrived, but another goroutine's
+// writev of the same batch may still be running, and only this lock orders
+// its end before the reuse (the race detector, rightly, sees no other).
+func (p *sendPath) waitWritten(id uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for p.written < id && p.err == nil {
+		p.cond.Wait()
+	}
 }
 
 // flushHeld sends held frames unless a flusher is already at work.

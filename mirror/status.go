@@ -63,8 +63,8 @@ type PeerStatus struct {
 
 // JournalStatus describes the async journal.
 type JournalStatus struct {
-	// QueuedBytes is the data not yet sent; HighWater the most of the
-	// ring ever in use.
+	// QueuedBytes is the data not yet sent (a trim or zero counts its
+	// frame, not its range); HighWater the most of the ring ever in use.
 	QueuedBytes   int64  `json:"queued_bytes"`
 	Records       int    `json:"records"`
 	HighWater     int64  `json:"high_water_bytes"`
@@ -139,7 +139,7 @@ func (v *Volume) Status() Status {
 		for _, e := range s.tl {
 			if e.kind == entWrite {
 				ps.InFlightWrites++
-				ps.InFlightBytes += e.n
+				ps.InFlightBytes += e.cost
 			}
 		}
 		s.qmu.Unlock()

@@ -237,6 +237,10 @@ type labStatus struct {
 			Name  string `json:"name"`
 			Error string `json:"error"`
 		} `json:"resources"`
+		ResourceFailure *struct {
+			Resource string `json:"resource"`
+			Down     bool   `json:"down"`
+		} `json:"resource_failure"`
 	} `json:"failover"`
 }
 

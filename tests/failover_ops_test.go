@@ -335,6 +335,32 @@ app/monitor) [ -e "$d/app-running" ] ;;
 esac
 `
 
+// unchainOnCleanup takes down whatever chainScript stack is up on nodes,
+// before the nodes are killed (this cleanup runs first). The stack lives
+// in the mount namespace `ip netns exec` gave mirrord, which nbdfuse keeps
+// alive: it must be unmounted while nbdfuse still answers. Killing nbdfuse
+// with the ext4 still mounted deadlocks in the kernel: the namespace's
+// teardown unmounts the file system, whose journal flush waits for the
+// exiting nbdfuse.
+func (l *lab) unchainOnCleanup(script string, nodes ...*labNode) {
+	t := l.t
+	t.Cleanup(func() {
+		for _, n := range nodes {
+			pid, err := os.ReadFile(filepath.Join(n.dir, "nbdfuse.pid"))
+			if err != nil {
+				continue
+			}
+			ns := []string{"-t", strings.TrimSpace(string(pid)), "-m", "--"}
+			if out, err := exec.Command("nsenter", append(ns, "umount", filepath.Join(n.dir, "mnt"))...).CombinedOutput(); err != nil {
+				t.Logf("cleanup: umount on %s: %v %s", n.name, err, out)
+			}
+			if out, err := exec.Command("nsenter", append(ns, script, "stop", "attach", n.dir)...).CombinedOutput(); err != nil {
+				t.Errorf("cleanup: detach on %s: %v %s", n.name, err, out)
+			}
+		}
+	})
+}
+
 // orderLog returns the lines of n's order.log.
 func orderLog(t *testing.T, n *labNode) []string {
 	t.Helper()
@@ -372,7 +398,9 @@ func hasFloatingIP(l *lab, n *labNode) bool {
 // on promotion and stopped in reverse on a switchover; the file system
 // moves with the volume (the app on b reads what the app on a wrote). A
 // failing start script rolls back what had started and is reported in
-// status and events; the next switchover brings everything up on a again.
+// status and events; a starts the chain once more (local recovery), then,
+// b being in sync, hands the service back to b, which brings everything
+// up again.
 func TestFailoverResourceChainNetns(t *testing.T) {
 	requireTools(t, "nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "blkid", "mountpoint", "setsid", "nsenter")
 	l := newLab(t)
@@ -385,27 +413,7 @@ func TestFailoverResourceChainNetns(t *testing.T) {
     - {type: ip, address: %[2]s/24, interface: eth0, arp-count: 3, arp-interval: 100ms}
     - {type: script, name: app, path: %[1]s, args: [app, "%%[1]s"], timeout: 10s}`, script, labFloating)
 	a, b := l.up("  monitor-interval: 200ms")
-	// Take down whatever chain is up, before the nodes are killed (this
-	// cleanup runs first). The stack lives in the mount namespace `ip netns
-	// exec` gave mirrord, which nbdfuse keeps alive: it must be unmounted
-	// while nbdfuse still answers. Killing nbdfuse with the ext4 still
-	// mounted deadlocks in the kernel: the namespace's teardown unmounts
-	// the file system, whose journal flush waits for the exiting nbdfuse.
-	t.Cleanup(func() {
-		for _, n := range []*labNode{a, b} {
-			pid, err := os.ReadFile(filepath.Join(n.dir, "nbdfuse.pid"))
-			if err != nil {
-				continue
-			}
-			ns := []string{"-t", strings.TrimSpace(string(pid)), "-m", "--"}
-			if out, err := exec.Command("nsenter", append(ns, "umount", filepath.Join(n.dir, "mnt"))...).CombinedOutput(); err != nil {
-				t.Logf("cleanup: umount on %s: %v %s", n.name, err, out)
-			}
-			if out, err := exec.Command("nsenter", append(ns, script, "stop", "attach", n.dir)...).CombinedOutput(); err != nil {
-				t.Errorf("cleanup: detach on %s: %v %s", n.name, err, out)
-			}
-		}
-	})
+	l.unchainOnCleanup(script, a, b)
 	waitFor(t, 30*time.Second, "a's chain started (app running)", func() bool {
 		_, err := os.Stat(filepath.Join(a.dir, "app-running"))
 		return err == nil
@@ -436,6 +444,10 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		}
 		return strings.Count(last, "=ok") == 4 && strings.HasSuffix(last, " app=ok")
 	})
+	// In maintenance mode the agent watches and never acts: the failed
+	// check is shown and what the agent would do recorded, but the app is
+	// not restarted (see failover_recovery_test.go for what it does).
+	a.must(t, "maintenance", "on")
 	if err := os.Remove(filepath.Join(a.dir, "app-running")); err != nil {
 		t.Fatal(err)
 	}
@@ -444,9 +456,14 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		return strings.Count(h, "=ok") == 3 && strings.Contains(h, " app=") && !strings.HasSuffix(h, " app=ok")
 	})
 	t.Logf("a's resources with the app gone: %s", health(a))
+	waitFor(t, 10*time.Second, "a recording what it would do in maintenance", func() bool {
+		return a.decided("resource", "maintenance: would restart app and the resources after it (local recovery 1 of 1)")
+	})
 	if err := os.WriteFile(filepath.Join(a.dir, "app-running"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, 10*time.Second, "a's app passing its check again", func() bool { return a.decided("resource", "resource app passes its check again") })
+	a.must(t, "maintenance", "off")
 
 	// Switchover a -> b: a stops in reverse, b starts in order.
 	evB := l.events(b)
@@ -490,29 +507,30 @@ func TestFailoverResourceChainNetns(t *testing.T) {
 		}
 	}
 	waitFor(t, 10*time.Second, "a's events showing the failed start", func() bool { return strings.Contains(evA.String(), failed) })
-	// The failed script's stop runs too (it may have left something).
-	if got, want := strings.Join(orderLog(t, a)[5:], " "), "attach_start app_start_refused app_stop_not-running attach_stop"; got != want {
-		t.Fatalf("a's order log for the failed start: %q, want %q", got, want)
-	}
-	if mounted(t, a) || hasFloatingIP(l, a) {
-		t.Fatal("a kept its mount or the floating IP after the failed start")
-	}
 	if !strings.Contains(evB.String(), `"kind":"switchover"`) {
 		t.Fatalf("b's events lack the switchover:\n%s", evB.String())
 	}
 
-	// Fixed: the next switchover brings the whole chain up on b again.
+	// a starts the chain once more, fails again, and hands the service
+	// back to b, which is in sync: everything comes up on b again.
+	waitFor(t, 30*time.Second, "b's app running again after a's handover", func() bool {
+		_, err := os.Stat(filepath.Join(b.dir, "app-running"))
+		return err == nil && hasFloatingIP(l, b) && mounted(t, b)
+	})
+	if !a.decided("resource", "after 1 local recoveries: handing over to b") {
+		t.Fatalf("a's decisions lack the handover: %+v", a.decisions())
+	}
+	// The failed script's stop runs too (it may have left something);
+	// every stop is idempotent.
+	if got, want := strings.Join(orderLog(t, a)[5:], " "), "attach_start app_start_refused app_stop_not-running attach_stop "+
+		"attach_start app_start_refused app_stop_not-running attach_stop app_stop_not-running attach_stop"; got != want {
+		t.Fatalf("a's order log for the failed start, its local recovery and the handover: %q, want %q", got, want)
+	}
+	if mounted(t, a) || hasFloatingIP(l, a) {
+		t.Fatal("a kept its mount or the floating IP after the failed start")
+	}
 	if err := os.Remove(filepath.Join(a.dir, "fail-app")); err != nil {
 		t.Fatal(err)
-	}
-	l.heardPrimary(b, a)
-	a.must(t, "switchover")
-	waitFor(t, 30*time.Second, "b's app running again", func() bool {
-		_, err := os.Stat(filepath.Join(b.dir, "app-running"))
-		return err == nil && hasFloatingIP(l, b)
-	})
-	if got := strings.Join(orderLog(t, a)[9:], " "); got != "app_stop_not-running attach_stop" {
-		t.Fatalf("a's stop after a failed start: %q (every stop is idempotent)", got)
 	}
 	hist, err = os.ReadFile(filepath.Join(b.dir, "mnt", "history"))
 	if err != nil {

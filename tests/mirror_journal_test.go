@@ -222,6 +222,19 @@ func TestAsyncLagBound(t *testing.T) {
 	}
 }
 
+// aheadThenFlow stalls alpha's link, writes span bytes (each block once,
+// in a random order; past the window and the journal), waits for alpha to
+// go Ahead and lets the link flow again: the catch-up follows.
+func (pr *mirrorPair) aheadThenFlow(t *testing.T, span int64) *seqWriter {
+	t.Helper()
+	pr.stall(true)
+	w := startSeqWriter(t, pr.alpha, mirrorSeed(t), span, 16, 0)
+	w.wait(t)
+	pr.alpha.waitStatus("Ahead", stateTimeout, func(st mirrorStatus) bool { return st.Peer.Replication == "Ahead" })
+	pr.stall(false)
+	return w
+}
+
 // TestAsyncCatchUpBehindUndoCap: during a catch-up after Ahead the target
 // says Behind, with progress against the total the source announced; with
 // peer.undo-max-size smaller than the catch-up, the target stops at the
@@ -234,13 +247,7 @@ func TestAsyncCatchUpBehindUndoCap(t *testing.T) {
 	pr := startPrimary(t, pairOptions{mode: "async", size: "128MiB",
 		alphaSet: append(set, "peer.resync-max-rate=4MiB"), betaSet: append(set, fmt.Sprintf("peer.undo-max-size=%d", undoCap))})
 	ev := pr.beta.watchEvents()
-	pr.stall(true)
-	// 48 MiB, each block once in a random order: past the window and
-	// the journal.
-	w := startSeqWriter(t, pr.alpha, mirrorSeed(t), 48<<20, 16, 0)
-	w.wait(t)
-	pr.alpha.waitStatus("Ahead", stateTimeout, func(st mirrorStatus) bool { return st.Peer.Replication == "Ahead" })
-	pr.stall(false)
+	w := pr.aheadThenFlow(t, 48<<20)
 
 	bSt := pr.beta.waitStatus("Behind with the announced total", resyncTimeout, func(st mirrorStatus) bool {
 		return st.Peer != nil && st.Peer.Replication == "Behind" && st.Peer.Resync != nil && st.Peer.Resync.TotalBytes > undoCap

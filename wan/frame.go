@@ -107,6 +107,10 @@ var (
 	// ErrPeerClosed means the peer sent FrameClose during the handshake; the
 	// error text carries its reason.
 	ErrPeerClosed = errors.New("wan: peer closed the connection")
+	// ErrHelloRefused is ErrPeerClosed because the peer found our Hello
+	// malformed: a build older than a flag we set, typically one of the
+	// optional ones (flags.go), which such a build still refuses.
+	ErrHelloRefused = fmt.Errorf("%w: it refused our hello", ErrPeerClosed)
 	// ErrNoSecret means Handshake was called without a secret. Running
 	// unauthenticated is never a silent default.
 	ErrNoSecret = errors.New("wan: no shared secret")

@@ -65,7 +65,9 @@ func FuzzHello(f *testing.F) {
 	long.Node, long.Volume = strings.Repeat("n", 255), strings.Repeat("é", 127)
 	catchUp := sampleHello()
 	catchUp.Flags |= HelloCatchUp
-	for _, h := range []Hello{sampleHello(), {Version: ProtocolVersion}, long, catchUp} {
+	optional := sampleHello()
+	optional.Flags |= HelloResyncHeld | 1<<14
+	for _, h := range []Hello{sampleHello(), {Version: ProtocolVersion}, long, catchUp, optional} {
 		f.Add(mustMarshal(f, h))
 	}
 	f.Add([]byte{0, 2, 1, 2, 3})

@@ -153,6 +153,10 @@ func exchange(r *Reader, w *Writer, t FrameType, payload []byte) (Frame, error) 
 	switch {
 	case rerr != nil:
 		return Frame{}, fmt.Errorf("wan: handshake: read %v: %w", t, rerr)
+	case f.Type == FrameClose && t == FrameAuth && string(f.Payload) == reasonHello:
+		// Its answer to our Hello: say so, so that the caller can retry
+		// without the optional flags.
+		return Frame{}, fmt.Errorf("%w: %q", ErrHelloRefused, f.Payload)
 	case f.Type == FrameClose:
 		// Reported ahead of any write error: the peer's reason is the news.
 		return Frame{}, fmt.Errorf("%w: %q", ErrPeerClosed, f.Payload)

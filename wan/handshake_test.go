@@ -499,3 +499,30 @@ func TestAuthMACIsDirectional(t *testing.T) {
 		t.Fatal("the two sides' MACs are equal")
 	}
 }
+
+// TestHandshakeHelloRefused: a peer that finds our Hello malformed (a build
+// older than a flag we set) answers our Auth with Close "malformed hello";
+// that is ErrHelloRefused (still ErrPeerClosed), so the caller can retry
+// without its optional flags. Any other Close at that point is not.
+func TestHandshakeHelloRefused(t *testing.T) {
+	for _, tc := range []struct {
+		reason string
+		want   bool
+	}{{reasonHello, true}, {reasonAuth, false}} {
+		ca, cb := pipe(t)
+		own, peer := helloPair()
+		own.Flags |= HelloResyncHeld
+		ch := startHandshake(ca, own, testSecret)
+		p := newScriptedPeer(t, cb)
+		if f, ok := p.next(); !ok || f.Type != FrameHello {
+			t.Fatal("side under test sent no Hello")
+		}
+		p.write(frameBytes(t, Header{Type: FrameHello}, mustMarshal(t, peer)))
+		p.write(frameBytes(t, Header{Type: FrameClose}, []byte(tc.reason)))
+		res := await(t, ch)
+		if !errors.Is(res.err, ErrPeerClosed) || errors.Is(res.err, ErrHelloRefused) != tc.want {
+			t.Fatalf("Close %q after the Hellos: %v, want ErrHelloRefused %v", tc.reason, res.err, tc.want)
+		}
+		ca.Close()
+	}
+}

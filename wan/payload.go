@@ -143,7 +143,8 @@ func (s *StateUpdate) UnmarshalBinary(p []byte) error {
 //
 //	offset  size  field
 //	0       2     version (1)
-//	2       2     flags (bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd, bit 3 HelloCatchUp; others 0)
+//	2       2     flags (bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd, bit 3 HelloCatchUp, bits 4-7 0;
+//	              bits 8-15 optional: bit 8 HelloResyncHeld, others ignored)
 //	4       1     role (0..2)
 //	5       1     disk
 //	6       1     mode (0..1)
@@ -170,7 +171,7 @@ type Hello struct {
 	Role       uint8  // 0 Unknown, 1 Primary, 2 Secondary
 	Disk       uint8  // disk state code (the engine defines the numbering)
 	Mode       uint8  // 0 sync, 1 async
-	Flags      uint16 // bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd, bit 3 HelloCatchUp; others reserved (0)
+	Flags      uint16 // required bits 0-7, optional bits 8-15 (flags.go): unknown optional bits are kept, not refused
 	Gen        Generations
 	Nonce      [32]byte // fresh random challenge
 }
@@ -191,8 +192,8 @@ func (h *Hello) check() error {
 		return fmt.Errorf("%w: hello role %d", ErrMalformed, h.Role)
 	case h.Mode > ModeAsync:
 		return fmt.Errorf("%w: hello mode %d", ErrMalformed, h.Mode)
-	case h.Flags&^(HelloNeverWritten|HelloDiscardMine|HelloZstd|HelloCatchUp) != 0:
-		return fmt.Errorf("%w: hello flags %#04x", ErrMalformed, h.Flags)
+	case h.Flags&^(helloRequiredKnown|HelloOptional) != 0:
+		return fmt.Errorf("%w: hello flags %#04x: unknown required bits %#04x", ErrMalformed, h.Flags, h.Flags&^(helloRequiredKnown|HelloOptional))
 	}
 	return nil
 }

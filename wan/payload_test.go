@@ -115,6 +115,33 @@ func TestHelloRoundTrip(t *testing.T) {
 	}
 }
 
+// TestHelloOptionalFlags: a receiver keeps optional bits it does not know
+// (the high byte) and decodes the rest as usual, so a newer peer's hint
+// costs it nothing; the engine acts only on bits it knows.
+func TestHelloOptionalFlags(t *testing.T) {
+	h := sampleHello()
+	h.Flags = HelloCatchUp | HelloResyncHeld | 1<<15
+	b := mustMarshal(t, h)
+	if got := b[2:4]; got[0] != 0x81 || got[1] != 0x08 {
+		t.Fatalf("flags encode as %x, want 8108", got)
+	}
+	var got Hello
+	if err := got.UnmarshalBinary(b); err != nil {
+		t.Fatalf("hello with an unknown optional bit refused: %v", err)
+	}
+	if got != h {
+		t.Fatalf("round trip: %+v, want %+v", got, h)
+	}
+	for bit := range 16 {
+		h.Flags = 1 << bit
+		_, err := h.MarshalBinary()
+		required := bit < 8 && h.Flags&helloRequiredKnown == 0
+		if required != (err != nil) {
+			t.Errorf("flag bit %d: MarshalBinary error %v", bit, err)
+		}
+	}
+}
+
 func TestHelloMarshalRejects(t *testing.T) {
 	tests := []struct {
 		name string
@@ -129,7 +156,7 @@ func TestHelloMarshalRejects(t *testing.T) {
 		{"volume not utf-8", func(h *Hello) { h.Volume = "a\xc0" }, ErrMalformed},
 		{"role 3", func(h *Hello) { h.Role = 3 }, ErrMalformed},
 		{"mode 2", func(h *Hello) { h.Mode = 2 }, ErrMalformed},
-		{"reserved flag", func(h *Hello) { h.Flags = 16 }, ErrMalformed},
+		{"unknown required flag", func(h *Hello) { h.Flags = 16 }, ErrMalformed},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -157,7 +184,7 @@ func TestHelloUnmarshalRejects(t *testing.T) {
 		{"version only", good[:2], ErrMalformed},
 		{"trailing byte", append(bytes.Clone(good), 0), ErrMalformed},
 		{"reserved byte", edit(func(b []byte) []byte { b[7] = 1; return b }), ErrMalformed},
-		{"reserved flag", edit(func(b []byte) []byte { b[2] = 0x80; return b }), ErrMalformed},
+		{"unknown required flag", edit(func(b []byte) []byte { b[3] |= 0x80; return b }), ErrMalformed},
 		{"role 3", edit(func(b []byte) []byte { b[4] = 3; return b }), ErrMalformed},
 		{"mode 2", edit(func(b []byte) []byte { b[6] = 2; return b }), ErrMalformed},
 		{"node length overruns", edit(func(b []byte) []byte { b[100] = 200; return b }), ErrMalformed},

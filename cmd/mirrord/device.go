@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -90,6 +91,10 @@ type kernelExport struct {
 	// again on a Primary event that races the demotion. Cleared once the
 	// volume is seen Secondary, or by an explicit attach.
 	parked bool
+	// exiting: mirrord is stopping; the resources' stop on exit leaves
+	// the device to stop, which keeps it attached when it is in use
+	// (mounted by hand) or with --keep-device.
+	exiting atomic.Bool
 }
 
 // deviceStatus is the "device" part of GET /status.
@@ -263,7 +268,20 @@ func (d deviceResources) Stop(ctx context.Context) error {
 			return err
 		}
 	}
+	if d.k.exiting.Load() {
+		return nil
+	}
 	return d.k.detach()
+}
+
+// Restart restarts part of the resources above the device (local
+// recovery); the device itself is never restarted in place: it is not
+// checked, and detaching it would take the whole chain down.
+func (d deviceResources) Restart(ctx context.Context, from string) error {
+	if r, ok := d.rest.(agent.Recoverer); ok {
+		return r.Restart(ctx, from)
+	}
+	return agent.ErrNoRecovery
 }
 
 // Monitor checks the resources above the device (the attach itself is

@@ -56,6 +56,19 @@ type FailoverConfig struct {
 	// MonitorInterval is how often the running resources are checked
 	// (their monitor); 0 never.
 	MonitorInterval time.Duration `mapstructure:"monitor-interval"`
+	// LocalRecovery is how many times a resource that fails its check is
+	// restarted in place before the Primary hands over to its peer; 0:
+	// never, hand over at once.
+	LocalRecovery int `mapstructure:"local-recovery"`
+	// HandoverHold: after handing the service over for a resource
+	// failure, this node hands over for one no more for this long (the
+	// peer's resources failed too if the service came back).
+	HandoverHold time.Duration `mapstructure:"handover-hold"`
+	// StopResourcesOnExit: a Primary's mirrord that is stopped (SIGTERM,
+	// SIGINT) stops the resources in reverse before its volume closes;
+	// false leaves them up, for a restart that keeps the kernel device
+	// (an upgrade).
+	StopResourcesOnExit bool `mapstructure:"stop-resources-on-exit"`
 }
 
 // UDPPath is one "LISTEN->PEER" heartbeat path.
@@ -99,6 +112,9 @@ func setFailoverDefaults(set func(string, any)) {
 	set("failover.confirm-default", "proceed")
 	set("failover.epoch-file", "")
 	set("failover.monitor-interval", agent.DefaultMonitorInterval.String())
+	set("failover.local-recovery", failover.DefaultLocalRecovery)
+	set("failover.handover-hold", failover.DefaultHandoverHold.String())
+	set("failover.stop-resources-on-exit", true)
 }
 
 // machineConfig validates the section and converts it; bad reports each
@@ -153,6 +169,24 @@ func (c *Config) machineConfig(bad func(key, format string, a ...any)) failover.
 	if f.MonitorInterval < 0 {
 		bad("failover.monitor-interval", "must not be negative (0: never check)")
 	}
+	if f.MonitorInterval > 0 {
+		// A chain that failed to start is started again at the pace at
+		// which a running one is checked (with checks off, at the
+		// machine's default).
+		mc.StartRetryInterval = f.MonitorInterval
+	}
+	switch {
+	case f.LocalRecovery < 0:
+		bad("failover.local-recovery", "must not be negative (0: no local recovery, hand over at once)")
+	case f.LocalRecovery == 0:
+		mc.LocalRecovery = -1 // the machine's "none"; its 0 is the default
+	default:
+		mc.LocalRecovery = f.LocalRecovery
+	}
+	if f.HandoverHold <= 0 {
+		bad("failover.handover-hold", "must be positive")
+	}
+	mc.HandoverHold = f.HandoverHold
 	return mc
 }
 
@@ -306,8 +340,16 @@ func (r *atomicRecv) load() func(string, []byte) {
 }
 
 // monitoredChain lets the agent check the running chain (resource.Chain
-// reports errors; the agent's status shows them as text).
+// reports errors; the agent's status shows them as text) and restart part
+// of it (local recovery).
 type monitoredChain struct{ *resource.Chain }
+
+var (
+	_ agent.Monitorer = monitoredChain{}
+	_ agent.Recoverer = monitoredChain{}
+	// The machine names the resource that failed to start.
+	_ failover.ResourceNamer = (*resource.StartError)(nil)
+)
 
 func (c monitoredChain) Monitor(ctx context.Context) []agent.Health {
 	var hs []agent.Health

@@ -178,6 +178,23 @@ func humanFailover(r *failoverView) string {
 	for _, h := range r.Resources {
 		fmt.Fprintf(&b, "    resource %s: %s\n", h.Name, orDash(h.Error))
 	}
+	if f := r.ResourceFailure; f != nil {
+		state := "no local recovery left: handing over or staying (see the decisions)"
+		switch {
+		case f.Recovering:
+			state = "local recovery running"
+		case f.Down && f.NextRetry != nil:
+			state = fmt.Sprintf("the resources are DOWN (failed to start); %d retries, the next at %s", f.Retries, f.NextRetry.Format(time.RFC3339))
+		case f.Down:
+			state = "the resources are DOWN (failed to start); handing over or staying (see the decisions)"
+		}
+		name := f.Resource
+		if name == "" {
+			name = "resources"
+		}
+		fmt.Fprintf(&b, "    RESOURCE FAILED: %s since %s: %s; local recoveries %d of %d; %s\n",
+			name, f.Since.Format(time.RFC3339), f.Error, f.Recoveries, f.MaxRecoveries, state)
+	}
 	n := len(r.Decisions)
 	for _, d := range r.Decisions[max(0, n-5):] {
 		acted := "did not act"
@@ -212,7 +229,23 @@ type failoverView struct {
 	Switchover  string      `json:"switchover,omitempty"`
 	// Resources is the last check of the running resource chain.
 	Resources []agent.Health `json:"resources,omitempty"`
-	Decisions []decisionView `json:"decisions"`
+	// ResourceFailure is a failed check being dealt with.
+	ResourceFailure *resourceFailureView `json:"resource_failure,omitempty"`
+	Decisions       []decisionView       `json:"decisions"`
+}
+
+type resourceFailureView struct {
+	Resource      string    `json:"resource"`
+	Error         string    `json:"error"`
+	Since         time.Time `json:"since"`
+	Recoveries    int       `json:"recoveries"`
+	MaxRecoveries int       `json:"max_recoveries"`
+	Recovering    bool      `json:"recovering"`
+	// Down: the chain failed to start and rolled back; Retries starts
+	// were tried since, the next at NextRetry.
+	Down      bool       `json:"down,omitempty"`
+	Retries   int        `json:"retries,omitempty"`
+	NextRetry *time.Time `json:"next_retry,omitempty"`
 }
 
 type quorumView struct {
@@ -269,6 +302,14 @@ func viewFailover(r agent.Report) *failoverView {
 		if !in.Deadline.IsZero() {
 			t := in.Deadline.UTC()
 			v.Intent.Deadline = &t
+		}
+	}
+	if f := r.ResourceFailure; f != nil {
+		v.ResourceFailure = &resourceFailureView{Resource: f.Resource, Error: f.Error, Since: f.Since.UTC(),
+			Recoveries: f.Recoveries, MaxRecoveries: f.MaxRecoveries, Recovering: f.Recovering, Down: f.Down, Retries: f.Retries}
+		if !f.NextRetry.IsZero() {
+			t := f.NextRetry.UTC()
+			v.ResourceFailure.NextRetry = &t
 		}
 	}
 	for _, d := range r.History {

@@ -33,6 +33,8 @@ func TestFailoverConfigErrorsNameTheKey(t *testing.T) {
 		{name: "witness secret", set: []string{"failover.witness=h:1"}, want: "failover.witness-secret-file"},
 		{name: "witness and etcd", set: []string{"failover.witness=h:1", "failover.witness-secret-file=/x", "failover.etcd-endpoints=http://e:2379"}, want: "not both"},
 		{name: "unknown key", file: "failover:\n  enabeld: true\n", want: `"failover.enabeld"`},
+		{name: "local recovery", set: []string{"failover.local-recovery=-1"}, want: "failover.local-recovery"},
+		{name: "handover hold", set: []string{"failover.handover-hold=0s"}, want: "failover.handover-hold"},
 		{name: "resource type", file: "failover:\n  resources:\n    - {type: teleport}\n", want: "failover.resources"},
 		{name: "resource unknown key", file: "failover:\n  resources:\n    - {type: ip, address: 10.0.0.9/24, interface: eth0, colour: red}\n", want: "colour"},
 	} {
@@ -99,6 +101,32 @@ func TestFailoverConfigConverts(t *testing.T) {
 	}
 }
 
+// failover.local-recovery: default 1, 0 is none (the machine's negative),
+// more is more; failover.stop-resources-on-exit: default true.
+func TestFailoverResourceKeys(t *testing.T) {
+	for _, tc := range []struct {
+		set     []string
+		machine int
+		onExit  bool
+	}{
+		{nil, 1, true},
+		{[]string{"failover.local-recovery=0", "failover.stop-resources-on-exit=false"}, -1, false},
+		{[]string{"failover.local-recovery=3"}, 3, true},
+	} {
+		c, err := loadConfig(configFlags{set: append(append([]string{}, peerSet...), tc.set...)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mc := c.machineConfig(func(key, format string, a ...any) { t.Fatalf("%s: "+format, append([]any{key}, a...)...) })
+		if mc.StartRetryInterval != agent.DefaultMonitorInterval || mc.HandoverHold != failover.DefaultHandoverHold {
+			t.Errorf("%v: machine StartRetryInterval %v, HandoverHold %v: want the monitor interval and the default hold", tc.set, mc.StartRetryInterval, mc.HandoverHold)
+		}
+		if mc.LocalRecovery != tc.machine || c.Failover.StopResourcesOnExit != tc.onExit {
+			t.Errorf("%v: machine LocalRecovery %d (want %d), stop-resources-on-exit %v (want %v)", tc.set, mc.LocalRecovery, tc.machine, c.Failover.StopResourcesOnExit, tc.onExit)
+		}
+	}
+}
+
 func TestHumanFailoverStatus(t *testing.T) {
 	r := agent.Report{Witness: true}
 	r.Mode, r.Epoch, r.Fenced = failover.ModeAuto, 3, true
@@ -107,10 +135,19 @@ func TestHumanFailoverStatus(t *testing.T) {
 	r.Peer.Paths = []failover.PathStatus{{Name: "udp", State: failover.Lost, Silent: 2 * time.Second}}
 	r.Intent = &failover.Intent{Want: "promote", Reason: "peer lost"}
 	r.History = []failover.Decision{{Kind: failover.KindFence, Acted: true, Cause: "fenced (suspend): lost quorum"}}
+	r.ResourceFailure = &failover.ResourceFailure{Resource: "app", Error: "monitor app: exit status 1", Recoveries: 1, MaxRecoveries: 1, Recovering: true}
 	got := humanFailover(viewFailover(r))
-	for _, want := range []string{"mode:auto epoch:3 FENCED", "holder:b", "path udp: lost (silent 2000ms)", "INTENT: promote", "fence (acted): fenced (suspend): lost quorum"} {
+	for _, want := range []string{"mode:auto epoch:3 FENCED", "holder:b", "path udp: lost (silent 2000ms)", "INTENT: promote", "fence (acted): fenced (suspend): lost quorum",
+		"RESOURCE FAILED: app since", ": monitor app: exit status 1; local recoveries 1 of 1; local recovery running"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("human failover status lacks %q:\n%s", want, got)
 		}
+	}
+	// A chain that failed to start and is retried.
+	r.ResourceFailure = &failover.ResourceFailure{Resource: "app", Error: "start app: exit status 3", Recoveries: 1, MaxRecoveries: 1,
+		Down: true, Retries: 2, NextRetry: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	got = humanFailover(viewFailover(r))
+	if want := "RESOURCE FAILED: app since 0001-01-01T00:00:00Z: start app: exit status 3; local recoveries 1 of 1; the resources are DOWN (failed to start); 2 retries, the next at 2026-01-02T03:04:05Z"; !strings.Contains(got, want) {
+		t.Errorf("human failover status lacks %q:\n%s", want, got)
 	}
 }

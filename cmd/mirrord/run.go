@@ -168,6 +168,18 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 			log.Error().Err(err).Msg("listener failed, shutting down")
 		}
 	}
+	if fo != nil && c.Failover.StopResourcesOnExit {
+		// While the volume, its NBD server and the device still serve:
+		// an unmount writes, and the floating IP must be gone before
+		// the service is. The device itself is left to kx.stop below,
+		// which keeps it attached while in use or with --keep-device.
+		kx.exiting.Store(true)
+		ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+		if err := fo.StopResourcesOnExit(ctx); err != nil {
+			runErr = errors.Join(runErr, fmt.Errorf("stopping the resources on exit: %w", err))
+		}
+		cancel()
+	}
 	stopFollow()
 	kx.stop(keepDevice)
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)

@@ -86,18 +86,28 @@ type Resources interface {
 }
 
 // Monitorer is a Resources that can check itself (LifeKeeper's quick
-// "looks alive" check); the agent finds it by type assertion and runs it
-// every Config.MonitorInterval while the chain is up. A failed check is
-// reported in Status and the log; it does not by itself fail over.
+// "looks alive" check), one Health per resource in start order; the agent
+// finds it by type assertion and runs it every Config.MonitorInterval
+// while the chain is up, concurrently with Start, Stop and Restart. The
+// result is shown in Status and stepped into the machine, which decides
+// on local recovery or a handover.
 type Monitorer interface {
 	Monitor(ctx context.Context) []Health
 }
 
-// Health is one resource's last check.
-type Health struct {
-	Name  string `json:"name"`
-	Error string `json:"error,omitempty"`
+// Recoverer is a Resources that can restart part of itself for local
+// recovery: Restart stops the resource named from and every resource
+// after it, in reverse, then starts them again in order, leaving those
+// before it running. An error means they are not all up again.
+type Recoverer interface {
+	Restart(ctx context.Context, from string) error
 }
+
+// ErrNoRecovery: the resource chain cannot restart part of itself.
+var ErrNoRecovery = errors.New("the resource chain cannot restart a resource in place")
+
+// Health is one resource's last check.
+type Health = failover.ResourceHealth
 
 // Path is one heartbeat path to the peer. Send must not block for long
 // (a path drops what it cannot send); received messages are handed to
@@ -176,6 +186,14 @@ type Agent struct {
 	// resUp: the resource chain started cleanly and has not been stopped
 	// since (the monitor checks only then).
 	resUp atomic.Bool
+	// resGen counts starts, stops and restarts of the chain, before and
+	// after each: a check that saw it change says nothing about the
+	// chain as it is now.
+	resGen atomic.Uint64
+	checks chan failover.ResourceCheck
+	// exiting: StopResourcesOnExit ran; no check reaches the machine and
+	// no local recovery starts the chain again.
+	exiting atomic.Bool
 
 	// Loop-owned.
 	seq      uint64
@@ -260,6 +278,7 @@ func New(cfg Config, vol Volume, paths []Path) (*Agent, error) {
 		log: cfg.Log.With().Str("component", "failover").Logger(), m: m, boot: randomBoot(),
 		inbox: make(chan inMsg, 64), cmds: make(chan command), votes: make(chan voteReply, 1),
 		results: make(chan failover.ActionResult, 16), work: make(chan job, 64),
+		checks:  make(chan failover.ResourceCheck, 1),
 		quit:    make(chan struct{}),
 		filters: map[string]*replayFilter{}, subs: map[chan failover.Decision]struct{}{},
 	}
@@ -310,14 +329,32 @@ func (a *Agent) monitorLoop() {
 }
 
 // checkResources runs the chain's Monitor while it is up, keeps the result
-// for Status and logs every change of a resource's health.
+// for Status, logs every change of a resource's health and hands the
+// check to the loop for the machine.
 func (a *Agent) checkResources() {
 	m, ok := a.cfg.Resources.(Monitorer)
+	gen := a.resGen.Load()
+	if gen%2 == 1 {
+		return // a start, stop or restart is running (one at a time)
+	}
+	up := ok && a.resUp.Load()
 	var h []Health
-	if ok && a.resUp.Load() {
+	if up {
 		ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ResourceTimeout)
 		h = m.Monitor(ctx)
 		cancel()
+	}
+	if a.resGen.Load() != gen {
+		return // the chain was started, stopped or restarted meanwhile
+	}
+	if up {
+		// The loop takes the newest check; one it has not taken yet is
+		// replaced.
+		select {
+		case <-a.checks:
+		default:
+		}
+		a.checks <- failover.ResourceCheck{Resources: h}
 	}
 	a.mu.Lock()
 	was := make(map[string]string, len(a.health))
@@ -394,12 +431,38 @@ func (a *Agent) Do(ctx context.Context, ev failover.Event) ([]failover.Decision,
 // Resources starts (or stops) the resource chain for an operator's
 // promotion (demotion) made outside the machine, e.g. the first `mirrord
 // promote` of a new pair; it runs in order with the agent's other
-// actions.
+// actions. A failed start is also handed to the machine, which deals with
+// it as with a failed start after a failover: local recovery, then a
+// handover or a retry every monitor interval.
 func (a *Agent) Resources(ctx context.Context, start bool) error {
-	var act failover.Action = failover.StopResources{Reason: "operator demotion"}
-	if start {
-		act = failover.StartResources{Reason: "operator promotion"}
+	if !start {
+		return a.runJob(ctx, failover.StopResources{Reason: "operator demotion"})
 	}
+	err := a.runJob(ctx, failover.StartResources{Reason: "operator promotion"})
+	if err != nil && a.cfg.Resources != nil && !errors.Is(err, ErrClosed) && ctx.Err() == nil {
+		if _, derr := a.Do(ctx, failover.ResourceStartFailed{Err: err}); derr != nil {
+			a.log.Warn().Err(derr).Msg("could not hand the failed start to the failover machine")
+		}
+	}
+	return err
+}
+
+// StopResourcesOnExit stops the resource chain, in reverse, if this node
+// is Primary: mirrord is stopping, and a mount must be unmounted and a
+// floating IP removed while the volume (and its device) still serve. It
+// runs in order with the agent's other actions; the chain is not watched
+// afterwards. A Secondary runs no resources and is left alone.
+func (a *Agent) StopResourcesOnExit(ctx context.Context) error {
+	if a.cfg.Resources == nil || a.vol.Role() != mirror.RolePrimary {
+		return nil
+	}
+	a.exiting.Store(true)
+	a.log.Info().Msg("stopping the resources before exit")
+	return a.runJob(ctx, failover.StopResources{Reason: "mirrord stopping"})
+}
+
+// runJob carries out act on the worker and waits for it.
+func (a *Agent) runJob(ctx context.Context, act failover.Action) error {
 	done := make(chan error, 1)
 	select {
 	case a.work <- job{act: act, done: done}:
@@ -486,13 +549,27 @@ func (a *Agent) loop() {
 			}
 			a.refreshLocal()
 		case c := <-a.cmds:
+			// The machine judges a command on the volume as it is now
+			// (an operator's promotion has just made it Primary).
+			a.refreshLocal()
 			c.reply <- a.handle(c.ev)
 		case r := <-a.votes:
 			a.voted(r)
 		case r := <-a.results:
 			a.handle(r)
 			a.refreshLocal()
+		case c := <-a.checks:
+			a.checked(c)
 		}
+	}
+}
+
+// checked steps a check of the resource chain, unless the chain went down
+// since (a stop queued after the check may have run) or mirrord is
+// stopping.
+func (a *Agent) checked(c failover.ResourceCheck) {
+	if a.resUp.Load() && !a.exiting.Load() {
+		a.handle(c)
 	}
 }
 
@@ -728,6 +805,8 @@ func actionID(act failover.Action) failover.ActionID {
 		return act.ID
 	case failover.StopResources:
 		return act.ID
+	case failover.RecoverResources:
+		return act.ID
 	case failover.ReleaseVote:
 		return act.ID
 	}
@@ -808,6 +887,8 @@ func (a *Agent) carryOut(j job) (failover.ActionID, error) {
 		return act.ID, a.resources(true)
 	case failover.StopResources:
 		return act.ID, a.resources(false)
+	case failover.RecoverResources:
+		return act.ID, a.restart(act.From)
 	case failover.ReleaseVote:
 		if a.cfg.Voter == nil {
 			return act.ID, nil
@@ -823,6 +904,8 @@ func (a *Agent) resources(start bool) error {
 	if a.cfg.Resources == nil {
 		return nil
 	}
+	a.resGen.Add(1)
+	defer a.resGen.Add(1)
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ResourceTimeout)
 	defer cancel()
 	var err error
@@ -839,6 +922,31 @@ func (a *Agent) resources(start bool) error {
 		a.health = nil
 		a.mu.Unlock()
 	}
+	return err
+}
+
+// restart is local recovery: the resource from and those after it are
+// restarted. The chain stays watched whatever the outcome (those before
+// from still run; the next check shows what is down), so a failed
+// restart leaves the machine to hand over.
+func (a *Agent) restart(from string) error {
+	r, ok := a.cfg.Resources.(Recoverer)
+	if !ok {
+		return ErrNoRecovery
+	}
+	if a.exiting.Load() {
+		return ErrClosed // mirrord is stopping: the chain stays down
+	}
+	a.resGen.Add(1)
+	defer a.resGen.Add(1)
+	// Two timeouts: a stop and a start.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*a.cfg.ResourceTimeout)
+	defer cancel()
+	a.log.Warn().Str("resource", from).Msg("local recovery: restarting the resource and those after it")
+	err := r.Restart(ctx, from)
+	a.mu.Lock()
+	a.health = nil
+	a.mu.Unlock()
 	return err
 }
 

@@ -193,13 +193,27 @@ func (v nodeVoter) Close() error { return nil }
 type fakeResources struct {
 	started, stopped int
 	broken           string // what Monitor reports for "app" ("": healthy)
+	// restarts lists Restart's from arguments; a restart cures broken
+	// unless sticky.
+	restarts []string
+	sticky   bool
+	// startErr is what Start returns (a chain that fails to start).
+	startErr error
+}
+
+func (r *fakeResources) Restart(_ context.Context, from string) error {
+	r.restarts = append(r.restarts, from)
+	if !r.sticky {
+		r.broken = ""
+	}
+	return nil
 }
 
 func (r *fakeResources) Monitor(context.Context) []Health {
 	return []Health{{Name: "ip"}, {Name: "app", Error: r.broken}}
 }
 
-func (r *fakeResources) Start(context.Context) error { r.started++; return nil }
+func (r *fakeResources) Start(context.Context) error { r.started++; return r.startErr }
 func (r *fakeResources) Stop(context.Context) error  { r.stopped++; return nil }
 
 // fakePath delivers to the peer's agent at once, unless cut.
@@ -284,6 +298,9 @@ func (c *cluster) drain(n *testNode) {
 				a.handle(failover.ActionResult{ID: id, Err: err})
 			}
 			a.refreshLocal()
+			continue
+		case ck := <-a.checks:
+			a.checked(ck)
 			continue
 		default:
 		}
@@ -542,5 +559,132 @@ func TestAgentMonitorsRunningResources(t *testing.T) {
 	a.a.checkResources()
 	if h := a.a.Status().Resources; len(h) != 0 {
 		t.Fatalf("a stopped chain was checked: %+v", h)
+	}
+}
+
+// A failed check restarts the resource in place (local recovery); when
+// the restart does not cure it, the Primary hands over to its peer, which
+// starts the chain.
+func TestAgentLocalRecoveryThenHandover(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	if err := a.a.resources(true); err != nil {
+		t.Fatal(err)
+	}
+	a.res.broken = "exit status 1"
+	a.a.checkResources()
+	c.drain(a)
+	if strings.Join(a.res.restarts, " ") != "app" || a.res.broken != "" {
+		t.Fatalf("restarts %v, broken %q", a.res.restarts, a.res.broken)
+	}
+	if !hasDecision(a.a.Status(), failover.KindResource, true, "local recovery 1 of 1: resource app fails its check (exit status 1)") {
+		t.Fatalf("no local recovery recorded: %+v", a.a.Status().History)
+	}
+	a.a.checkResources()
+	c.drain(a)
+	if !hasDecision(a.a.Status(), failover.KindResource, false, "resource app passes its check again") || a.a.Status().ResourceFailure != nil {
+		t.Fatalf("recovery not seen: %+v", a.a.Status())
+	}
+
+	// Broken for good: one more restart, then the handover.
+	a.res.broken, a.res.sticky = "exit status 1", true
+	a.a.checkResources()
+	c.drain(a)
+	a.a.checkResources()
+	c.drain(a)
+	if len(a.res.restarts) != 2 || !hasDecision(a.a.Status(), failover.KindResource, true, "after 1 local recoveries: handing over to b") {
+		t.Fatalf("restarts %v; decisions %+v", a.res.restarts, a.a.Status().History)
+	}
+	c.run(time.Second, nil)
+	if !b.vol.writable() || a.vol.Role() != mirror.RoleSecondary || a.res.stopped != 1 || b.res.started != 1 {
+		t.Fatalf("after the handover: b writable %v, a %v, a stopped %d, b started %d", b.vol.writable(), a.vol.Role(), a.res.stopped, b.res.started)
+	}
+}
+
+// On exit a Primary stops its chain (once, in order with the agent's
+// actions), and no check starts it again; a Secondary's is left alone.
+func TestAgentStopResourcesOnExit(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	if err := a.a.resources(true); err != nil {
+		t.Fatal(err)
+	}
+	a.a.Start()
+	b.a.Start()
+	defer a.a.Close()
+	defer b.a.Close()
+	ctx := context.Background()
+	if err := b.a.StopResourcesOnExit(ctx); err != nil || b.res.stopped != 0 {
+		t.Fatalf("Secondary: %v, stopped %d", err, b.res.stopped)
+	}
+	if err := a.a.StopResourcesOnExit(ctx); err != nil || a.res.stopped != 1 {
+		t.Fatalf("Primary: %v, stopped %d", err, a.res.stopped)
+	}
+	a.a.checked(failover.ResourceCheck{Resources: []Health{{Name: "app", Error: "down"}}})
+	if err := a.a.restart("app"); !errors.Is(err, ErrClosed) || len(a.res.restarts) != 0 {
+		t.Fatalf("restart while exiting: %v, restarts %v", err, a.res.restarts)
+	}
+}
+
+// startError names the resource that failed, as resource.StartError does.
+type startError struct{ name, msg string }
+
+func (e startError) Error() string          { return e.msg }
+func (e startError) FailedResource() string { return e.name }
+
+// b takes over a dead a but its chain fails to start: the agent starts it
+// once more (local recovery), then, a being lost, keeps b Primary with the
+// volume served and starts the chain again every monitor interval; once
+// the cause is gone the chain comes up and is checked again.
+func TestAgentStartFailureRetried(t *testing.T) {
+	c := newCluster(t)
+	_, b := c.up()
+	c.nodes["a"].dead = true
+	b.vol.set(func(v *fakeVolume) { v.connected, v.peerDisk = false, mirror.DiskDUnknown })
+	b.res.startErr = startError{"app", "start app: exit status 3; rolled back ip"}
+	c.run(4*time.Second, nil)
+	st := b.a.Status()
+	if rf := st.ResourceFailure; !b.vol.writable() || b.res.started != 2 || rf == nil || !rf.Down || rf.Resource != "app" || rf.Retries != 0 {
+		t.Fatalf("b writable %v, started %d times, resource failure %+v; decisions %+v", b.vol.writable(), b.res.started, st.ResourceFailure, st.History)
+	}
+	if !hasDecision(st, failover.KindResource, false, "staying Primary with the resources down (the volume still served), starting them again every 10s; no handover: peer a is lost") {
+		t.Fatalf("no decision to stay: %+v", st.History)
+	}
+	c.run(DefaultMonitorInterval, nil)
+	if rf := b.a.Status().ResourceFailure; b.res.started != 3 || rf == nil || rf.Retries != 1 || b.a.resUp.Load() {
+		t.Fatalf("after one monitor interval: started %d times, %+v", b.res.started, rf)
+	}
+	b.res.startErr = nil
+	c.run(DefaultMonitorInterval, nil)
+	if st := b.a.Status(); b.res.started != 4 || st.ResourceFailure != nil || !b.a.resUp.Load() || !hasDecision(st, failover.KindResource, true, "the resources are up again") {
+		t.Fatalf("after the cause went away: started %d times, %+v", b.res.started, st.ResourceFailure)
+	}
+}
+
+// The operator promoted the volume by hand and the chain failed to start:
+// the agent hands the failure to the machine, which starts the chain once
+// more and then, b being in sync, hands over to it.
+func TestAgentOperatorPromotionStartFailure(t *testing.T) {
+	c := newCluster(t)
+	a, b := c.up()
+	a.res.startErr = startError{"app", "start app: exit status 3"}
+	a.a.Start()
+	b.a.Start()
+	defer a.a.Close()
+	defer b.a.Close()
+	if err := a.a.Resources(context.Background(), true); err == nil {
+		t.Fatal("a failed start reported no error")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !hasDecision(a.a.Status(), failover.KindResource, true, "after 1 local recoveries: handing over to b") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no handover within 10 s: %+v", a.a.Status().History)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st := a.a.Status()
+	if a.res.started != 2 || !hasDecision(st, failover.KindPromote, false, "resources failed to start after the operator's promotion: start app: exit status 3") ||
+		!hasDecision(st, failover.KindResource, true, "local recovery 1 of 1: resource app failed to start (start app: exit status 3)") {
+		t.Fatalf("started %d times; decisions %+v", a.res.started, st.History)
 	}
 }

@@ -145,3 +145,51 @@ func TestChainStopContinues(t *testing.T) {
 		t.Fatalf("calls %v", got)
 	}
 }
+
+// Restart stops the named resource and those after it, in reverse, and
+// starts them again in order; those before it are not touched. A failed
+// stop does not prevent the start; a failed start rolls the tail back.
+func TestChainRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		from    string
+		stopErr bool // c's stop fails
+		failC   bool // c's start fails
+		calls   string
+		err     string
+	}{
+		{"middle", "b", false, false, "stop c, stop b, start b, start c", ""},
+		{"last", "c", false, false, "stop c, start c", ""},
+		{"failed stop", "b", true, false, "stop c, stop b, start b, start c", ""},
+		{"failed start", "b", false, true, "stop c, stop b, start b, start c, stop c, stop b", "start c: c refused; rolled back b"},
+		{"unknown", "x", false, false, "", "restart x: no such resource in the chain"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			log := &callLog{}
+			c3 := &fake{name: "c"}
+			if tc.stopErr {
+				c3.stopErr = errors.New("c stuck")
+			}
+			if tc.failC {
+				c3.startErr = errors.New("c refused")
+			}
+			c := chainOf(log, &fake{name: "a"}, &fake{name: "b"}, c3)
+			err := c.Restart(context.Background(), tc.from)
+			if got := fmt.Sprint(err); (tc.err == "" && err != nil) || (tc.err != "" && got != tc.err) {
+				t.Fatalf("error %q, want %q", got, tc.err)
+			}
+			if tc.failC {
+				var se *StartError
+				if !errors.As(err, &se) || se.Resource != "c" {
+					t.Fatalf("%#v is not c's *StartError", err)
+				}
+			}
+			if tc.from == "x" && !errors.Is(err, ErrUnknown) {
+				t.Fatalf("%v is not ErrUnknown", err)
+			}
+			if got := strings.Join(log.get(), ", "); got != tc.calls {
+				t.Fatalf("calls %q, want %q", got, tc.calls)
+			}
+		})
+	}
+}

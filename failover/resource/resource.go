@@ -35,6 +35,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -70,6 +71,8 @@ var (
 	// ErrSpec is wrapped by every configuration error; the message names
 	// the entry and the field.
 	ErrSpec = errors.New("resource spec")
+	// ErrUnknown: Restart was given a name that is not in the chain.
+	ErrUnknown = errors.New("no such resource in the chain")
 )
 
 // StartError reports a failed Chain.Start: which resource failed, and what
@@ -100,6 +103,10 @@ func (e *StartError) Error() string {
 }
 
 func (e *StartError) Unwrap() error { return e.Err }
+
+// FailedResource names the resource whose start failed (the failover
+// machine's ResourceNamer), for its decisions and status.
+func (e *StartError) FailedResource() string { return e.Resource }
 
 // Entry is a resource in a chain with its timeout.
 type Entry struct {
@@ -178,6 +185,24 @@ func (c *Chain) Stop(ctx context.Context) error {
 		c.log.Info().Str("resource", e.Resource.Name()).Msg("resource stopped")
 	}
 	return errors.Join(errs...)
+}
+
+// Restart is local recovery: it stops the resource named from and every
+// resource after it, in reverse, then starts them again in order, as Stop
+// and Start would for that tail of the chain; the resources before from
+// keep running. A failed stop is logged and the start tried anyway (Start
+// is idempotent, and a resource that failed its check may fail its stop
+// too); a failed start rolls the tail back and returns a *StartError.
+func (c *Chain) Restart(ctx context.Context, from string) error {
+	i := slices.IndexFunc(c.entries, func(e Entry) bool { return e.Resource.Name() == from })
+	if i < 0 {
+		return fmt.Errorf("restart %s: %w", from, ErrUnknown)
+	}
+	tail := &Chain{entries: c.entries[i:], log: c.log}
+	if err := tail.Stop(ctx); err != nil {
+		c.log.Warn().Err(err).Str("resource", from).Msg("local recovery: stop failed, starting anyway")
+	}
+	return tail.Start(ctx)
 }
 
 // Health is one resource's Monitor result.
