@@ -45,6 +45,9 @@ const (
 	// yieldEvery: a reader that has not been through the scheduler for this
 	// long yields once before it reads again (see transmit).
 	yieldEvery = 2 * time.Millisecond
+	// directPayload: a write payload at least this large skips the read
+	// buffer (see readPayload).
+	directPayload = 32 << 10
 )
 
 // Stats are cumulative counters across all connections.
@@ -476,7 +479,7 @@ func (c *conn) transmit() (graceful bool) {
 					c.flushHeld()
 				}
 				r.buf = getBuf(int(r.Length))
-				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+				if err := c.readPayload(*r.buf); err != nil {
 					putBuf(r.buf)
 					c.log.Info().Err(err).Msg("connection lost in write payload")
 					return false
@@ -522,6 +525,29 @@ func (c *conn) transmit() (graceful bool) {
 		*rc = r
 		go c.handle(rc)
 	}
+}
+
+// readPayload reads a write's payload into p. What the read buffer holds
+// is copied; the rest of a large payload is read from the socket straight
+// into p, not through the read buffer and a second copy (bufio does that
+// by itself only for reads larger than its buffer). The kernel's client
+// sends a 1 MiB write as 128 KiB requests: in a 1-vCPU TCG VM, 28-29
+// against 39-84 context switches per 1 MiB write. Small payloads still go
+// through the buffer, which takes a burst of them in one read.
+func (c *conn) readPayload(p []byte) error {
+	if len(p) < directPayload {
+		_, err := io.ReadFull(c.br, p)
+		return err
+	}
+	if b := c.br.Buffered(); b > 0 {
+		n, _ := c.br.Read(p[:min(len(p), b)]) // no syscall: only what is buffered
+		p = p[n:]
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	_, err := io.ReadFull(connReader{c}, p)
+	return err
 }
 
 // readCached answers a read on the reader when the device has its data in
