@@ -468,6 +468,12 @@ func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
 	fault.setCut(true)
 	waitFor(t, "cut", func() bool { return a.v.Status().Peer.Connection != string(ConnConnected) })
 	writeStamped(t, a.v, 0, 1024) // 4 MiB out of sync
+	// The journal kept these for a replay (replay.go); this test is about
+	// a bitmap resync, which is what a journal that cannot continue the
+	// stream leaves.
+	if !a.v.link.journal.dropRetained() {
+		t.Fatal("test setup: the journal kept nothing while cut off")
+	}
 	fault.setCut(false)
 	waitFor(t, "resync", func() bool { return a.v.Status().Peer.Replication == string(ReplSyncSource) })
 	buf := make([]byte, 512)

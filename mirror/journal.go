@@ -260,7 +260,8 @@ type jentry struct {
 	off, n int64
 	time   int64
 	epoch  uint64
-	cost   int64 // window and lag bytes (op.cost)
+	cost   int64  // window and lag bytes (op.cost)
+	spos   uint64 // stream position it was shipped at before a disconnect (replay.go); 0: not shipped
 }
 
 // journal is the open ring. mu serializes appends, sends and acks: order
@@ -294,6 +295,7 @@ type journal struct {
 	hseq         uint64
 	lastHdr      time.Time
 	stats        journalStats
+	retained     *retainedStream // records kept across a disconnect (replay.go)
 	nosync       bool
 	iovHdr       [jrecHeaderSize]byte
 	padBytes     [jrecHeaderSize]byte
@@ -303,6 +305,7 @@ type journalStats struct {
 	spilled, spilledBytes uint64
 	highWater             int64
 	fullEvents            uint64
+	replays               uint64
 }
 
 // openJournal opens or creates the journal at path. Records a crash left
@@ -704,6 +707,7 @@ func (j *journal) status() *JournalStatus {
 	return &JournalStatus{
 		QueuedBytes: j.queued, Records: len(j.ents) - j.first,
 		HighWater: j.stats.highWater, SpilledWrites: j.stats.spilled, SpilledBytes: j.stats.spilledBytes, FullEvents: j.stats.fullEvents,
+		Kept: j.retained != nil, Replays: j.stats.replays,
 	}
 }
 

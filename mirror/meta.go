@@ -10,6 +10,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mirrord/mirrord/wan"
 )
 
 // The metadata file sits beside the backing store and holds what must
@@ -134,6 +136,11 @@ type superblock struct {
 	disk       DiskState
 	flags      uint32
 	gen        Generations
+	// stream is a Secondary's position in its Primary's async stream
+	// (stream.go), kept at an orderly close. It sits after the base
+	// layout's checksum with its own, so older builds ignore it and a
+	// superblock they wrote reads as no position.
+	stream wan.StreamPos
 }
 
 const sbEncodedSize = 8 + 4 + 8 + 16 + 8 + 4 + 4 + 1 + 1 + 4 + 32 + 4
@@ -156,6 +163,9 @@ func (s *superblock) encode() []byte {
 	le.PutUint64(b[74:], s.gen.History[0])
 	le.PutUint64(b[82:], s.gen.History[1])
 	le.PutUint32(b[90:], crc32.Checksum(b[:90], castagnoli))
+	le.PutUint64(b[96:], s.stream.Stream)
+	le.PutUint64(b[104:], s.stream.Pos)
+	le.PutUint32(b[112:], crc32.Checksum(b[96:112], castagnoli))
 	return b
 }
 
@@ -180,6 +190,9 @@ func decodeSuperblock(b []byte) (superblock, error) {
 	s.disk = DiskState(b[53])
 	s.flags = le.Uint32(b[54:])
 	s.gen = Generations{le.Uint64(b[58:]), le.Uint64(b[66:]), [2]uint64{le.Uint64(b[74:]), le.Uint64(b[82:])}}
+	if len(b) >= 116 && crc32.Checksum(b[96:112], castagnoli) == le.Uint32(b[112:]) {
+		s.stream = wan.StreamPos{Stream: le.Uint64(b[96:]), Pos: le.Uint64(b[104:])}
+	}
 	return s, nil
 }
 

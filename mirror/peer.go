@@ -207,6 +207,7 @@ type link struct {
 	reason     string // why the last session ended or was refused
 	peerHello  *wan.Hello
 	splitBrain bool
+	stream     streamState
 
 	incoming chan net.Conn
 	kick     chan struct{}
@@ -250,6 +251,9 @@ func newLink(v *Volume, cfg PeerConfig) (*link, error) {
 		log:      v.log.With().Str("peer", cfg.Node).Logger(),
 		incoming: make(chan net.Conn), kick: make(chan struct{}, 1), quit: make(chan struct{}),
 		shaper: newShaper(cfg.RateLimit, cfg.ResyncShare), zstd: wan.NewCompressor(),
+	}
+	if v.meta != nil {
+		l.stream.applied = v.meta.snapshot().stream
 	}
 	if cfg.RateLimit < 0 || cfg.ResyncShare < 0 || cfg.ResyncShare > 100 {
 		return nil, fmt.Errorf("%w: rate limit %d bytes/s, resync share %d%%", ErrBadRate, cfg.RateLimit, cfg.ResyncShare)
@@ -499,11 +503,14 @@ func (l *link) replicate(o op) error {
 			return err
 		}
 	}
-	// No peer to ship to: the bitmap remembers, under a new generation.
+	// No peer to ship to: the bitmap remembers, under a new generation,
+	// and the journal too while it keeps the stream (replay.go).
 	if err := v.newGenerationIfNeeded(); err != nil {
 		return err
 	}
-	v.dirty.Set(o.off, o.n)
+	if l.journal == nil || !l.journal.appendDetached(o, l.warn) {
+		v.dirty.Set(o.off, o.n)
+	}
 	l.markBehind()
 	return v.apply(o)
 }

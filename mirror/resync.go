@@ -328,6 +328,7 @@ func (s *session) resyncDone(_ uint64, g wan.Generations) error {
 		s.l.log.Error().Err(err).Msg("discard undo log")
 	}
 	s.syncing.Store(false)
+	s.rvalid = s.rstream != 0 // equal to the source as of this point in its stream
 	s.resync.stop()
 	s.qmu.Lock()
 	s.repl = ReplEstablished

@@ -121,7 +121,13 @@ func (v *Volume) adoptGeneration(g wan.Generations) {
 }
 
 func (v *Volume) setDisk(d DiskState) error {
-	if err := v.meta.update(func(s *superblock) { s.disk = d }); err != nil {
+	err := v.meta.update(func(s *superblock) {
+		s.disk = d
+		if d == DiskInconsistent {
+			s.stream = wan.StreamPos{} // no prefix of any stream now
+		}
+	})
+	if err != nil {
 		return err
 	}
 	v.disk.Store(uint32(d))
@@ -223,8 +229,15 @@ func (v *Volume) Promote(o PromoteOptions) error {
 			}
 		}
 	}
+	if v.link != nil {
+		v.link.newStream()
+	}
+	if s != nil {
+		s.announceStream() // before any write of ours is numbered
+	}
 	err := v.meta.update(func(sb *superblock) {
 		sb.role = RolePrimary
+		sb.stream = wan.StreamPos{}
 		if sb.gen.Current == 0 {
 			sb.gen.Current = newGeneration()
 		}

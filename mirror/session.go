@@ -55,6 +55,11 @@ type session struct {
 	// oldest write the peer lacks.
 	lagq     []lagMark
 	lagFirst int
+
+	// spos is the async stream position of the last write frame
+	// sequenced (stream.go).
+	spos uint64
+
 	loops    sync.WaitGroup
 	failOnce sync.Once
 
@@ -77,6 +82,12 @@ type session struct {
 	// data, split-brain resolution), so no undo log: it would be as large
 	// as the volume.
 	fullSync bool
+	// Stream position of the last async write applied, and whether this
+	// disk is that prefix of the stream (stream.go); the receive loop's.
+	rstream, rpos uint64
+	rvalid        bool
+	// streamed: both Hellos had HelloStream and positions were exchanged.
+	streamed bool
 
 	incoming      *bitmap.Bitmap // on a sync target: what the source still sends
 	resync        resyncProgress
@@ -109,6 +120,7 @@ type tlEntry struct {
 	journaled bool
 	jseq      uint64
 	written   int64
+	spos      uint64 // async writes: stream position (stream.go)
 }
 
 type lagMark struct {
@@ -139,6 +151,7 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	if l.cfg.Compress {
 		own.Flags |= wan.HelloZstd
 	}
+	own.Flags |= wan.HelloStream
 	if l.noOptional.Load() {
 		own.Flags &^= wan.HelloOptional
 	}
@@ -151,6 +164,14 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 		return nil, fmt.Errorf("handshake with %s: %w", c.RemoteAddr(), err)
 	}
 	s.peer = peer
+	primary := v.Role() == RolePrimary
+	var ownStream, peerStream wan.StreamPos
+	if s.streamed = own.Flags&peer.Flags&wan.HelloStream != 0; s.streamed {
+		ownStream = l.ownStream(primary)
+		if peerStream, err = wan.ExchangeStream(s.r, s.w, ownStream); err != nil {
+			return nil, fmt.Errorf("stream position exchange with %s: %w", c.RemoteAddr(), err)
+		}
+	}
 	if s.zstd = l.cfg.Compress && peer.Flags&wan.HelloZstd != 0; s.zstd {
 		s.r.EnableDecompression()
 	}
@@ -187,8 +208,18 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("bitmap exchange: %w", err)
 	}
+	replay := s.streamed && s.replayAgreed(d, primary, ownStream, peerStream, peerBM)
+	if !replay && l.journal != nil && l.journal.dropRetained() {
+		l.log.Info().Str("decision", d.Action.String()).Uint64("peer_pos", peerStream.Pos).Uint64("replay_from", ownStream.Replay).
+			Msg("the journal does not continue the peer's stream: dropped, the bitmap carries it")
+	}
 	role := ReplEstablished
 	switch {
+	case replay:
+		if err := s.startReplay(primary, ownStream, peerStream); err != nil {
+			return refuse("replay: %v", err)
+		}
+		d.Reason = "the Primary replays its journal from the Secondary's stream position"
 	case d.Action == ActSource || (d.Action == ActNone && primaryFirst(local, remote)):
 		if d.Full {
 			v.dirty.SetAll()
@@ -242,6 +273,10 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 		s.out.enableCompression(l.zstd)
 	}
 	s.repl = role
+	s.startStream(primary, peerStream, role)
+	if replay {
+		s.replayStream(primary, ownStream, peerStream)
+	}
 	s.lastRecv.Store(time.Now().UnixNano())
 	s.lastAck.Store(s.lastRecv.Load())
 	if role == ReplSyncSource {
@@ -377,11 +412,31 @@ func (s *session) teardown() {
 	l.mu.Unlock()
 	// Everything the peer did not acknowledge is out of sync. Sync waiters
 	// are released only now, after the sender is gone and can no longer
-	// touch their buffers.
+	// touch their buffers. The journal may keep its records for a replay
+	// (replay.go) if, before these bits, the bitmap holds only its own.
+	j := l.journal
+	keep := j != nil && s.keepsStream()
+	var (
+		sent      map[uint64]uint64
+		direct    [][2]int64
+		maxDirect uint64
+	)
 	s.qmu.Lock()
+	shipped := s.spos
+	if keep {
+		sent = make(map[uint64]uint64)
+	}
 	for seq, e := range s.tl {
 		if e.kind == entWrite {
 			v.dirty.Set(e.off, e.n)
+			switch {
+			case !keep || e.done != nil:
+			case e.journaled:
+				sent[e.jseq] = e.spos
+			default:
+				direct = append(direct, [2]int64{e.off, e.n})
+				maxDirect = max(maxDirect, e.spos)
+			}
 		}
 		if e.done != nil {
 			e.done <- errDisconnected
@@ -391,9 +446,12 @@ func (s *session) teardown() {
 	s.lagq, s.lagFirst = nil, 0
 	vr := s.verify
 	s.qmu.Unlock()
-	if j := l.journal; j != nil {
+	s.endStream()
+	if j != nil {
 		// Journaled writes set their bits when they were queued.
-		if err := j.detach(s); err != nil {
+		if keep && j.retain(s, l.ownStreamID(), shipped, sent, direct, maxDirect) {
+			l.log.Info().Int64("journal_bytes", j.usedBytes()).Msg("peer lost: the journal keeps the stream for a replay")
+		} else if err := j.detach(s); err != nil {
 			l.log.Error().Err(err).Msg("reset journal after disconnect")
 		}
 	}
@@ -462,6 +520,8 @@ func (s *session) direct(h wan.Header, payload []byte, e *tlEntry, mode sendMode
 			e.sent = time.Now()
 			s.tl[h.Seq] = e
 			if e.kind == entWrite && e.done == nil {
+				s.spos++
+				e.spos = s.spos
 				if e.written == 0 {
 					e.written = e.sent.UnixNano()
 				}
@@ -711,6 +771,8 @@ func (s *session) handle(f wan.Frame) error {
 		s.peerState(st)
 	case wan.FrameCatchUp:
 		return s.catchUpAnnounced(f)
+	case wan.FrameStream:
+		return s.streamAnnounced(f)
 	case wan.FrameBeacon:
 		if s.v.onBeacon != nil {
 			s.v.onBeacon(f.Payload)
@@ -806,6 +868,8 @@ func (s *session) applyRemote(f wan.Frame) error {
 		if err := v.setDisk(DiskInconsistent); err != nil {
 			return err
 		}
+		s.rvalid = false
+		s.l.voidApplied()
 		s.syncing.Store(true)
 		s.qmu.Lock()
 		if s.repl == ReplEstablished {
@@ -857,6 +921,9 @@ func (s *session) applyRemote(f wan.Frame) error {
 	err := v.applyRemote(o)
 	if errors.Is(err, ErrUndoFull) {
 		return s.pauseCatchUp(err)
+	}
+	if f.Flags&wan.FlagSync == 0 {
+		s.appliedStreamFrame(err)
 	}
 	s.ackApply(f.Seq, err, s.holdMode())
 	return nil

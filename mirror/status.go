@@ -71,6 +71,11 @@ type JournalStatus struct {
 	SpilledWrites uint64 `json:"spilled_writes"`
 	SpilledBytes  uint64 `json:"spilled_bytes"`
 	FullEvents    uint64 `json:"full_events"`
+	// Kept: the peer is away and the journal keeps the stream for a
+	// replay; Replays counts reconnects that replayed it instead of a
+	// bitmap resync.
+	Kept    bool   `json:"kept,omitempty"`
+	Replays uint64 `json:"replays"`
 }
 
 // Transport describes the link's security, compression and bandwidth.

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mirrord/mirrord/bitmap"
+	"github.com/mirrord/mirrord/wan"
 )
 
 // Errors a Volume returns. Each wraps the errno the NBD server sends.
@@ -212,6 +213,13 @@ func (v *Volume) openMeta(opts Options, created bool) error {
 		s.flags &^= flagClean
 		s.disk = disk
 		s.role = RoleSecondary
+		if !clean {
+			// After a crash the disk may hold writes past the position
+			// kept at the last close; a replay from there would apply
+			// them again, older versions over newer, and leave it no
+			// prefix until it caught up (stream.go).
+			s.stream = wan.StreamPos{}
+		}
 	})
 	if err != nil {
 		return err
@@ -521,7 +529,12 @@ func (v *Volume) Close() error {
 	if v.meta != nil {
 		if err := v.al.persistAll(); err != nil {
 			errs = append(errs, err)
-		} else if err := v.meta.update(func(s *superblock) { s.flags |= flagClean }); err != nil {
+		} else if err := v.meta.update(func(s *superblock) {
+			s.flags |= flagClean
+			if v.link != nil && v.Role() != RolePrimary {
+				s.stream = v.link.appliedStream() // the data was synced above
+			}
+		}); err != nil {
 			errs = append(errs, err)
 		}
 		errs = append(errs, v.meta.close())

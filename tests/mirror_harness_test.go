@@ -158,6 +158,10 @@ type mirrorPeerStatus struct {
 	Journal         *struct {
 		SpilledWrites int64 `json:"spilled_writes"`
 		FullEvents    int64 `json:"full_events"`
+		SpilledBytes  int64 `json:"spilled_bytes"`
+		QueuedBytes   int64 `json:"queued_bytes"`
+		Kept          bool  `json:"kept"`
+		Replays       int64 `json:"replays"`
 	} `json:"journal"`
 }
 

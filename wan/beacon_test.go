@@ -18,7 +18,7 @@ func TestBeaconFrame(t *testing.T) {
 	if FrameBeacon.String() != "Beacon" || MaxPayload(FrameBeacon) != MaxBeacon {
 		t.Fatalf("beacon name %q limit %d", FrameBeacon.String(), MaxPayload(FrameBeacon))
 	}
-	for typ := FrameCatchUp + 1; typ < FrameBeacon; typ++ {
+	for typ := FrameStream + 1; typ < FrameBeacon; typ++ {
 		if typ.known() || MaxPayload(typ) != -1 {
 			t.Errorf("frame type %d is known", typ)
 		}

@@ -33,3 +33,11 @@ const (
 // initial full sync and gets a full one. A peer that ignores the bit does
 // exactly that: slower, never wrong.
 const HelloResyncHeld = uint16(1 << 8)
+
+// HelloStream is an optional Hello.Flags bit: the sender keeps positions
+// in the async write stream (StreamPos). When both Hellos carry it, each
+// side sends one FrameStream right after the handshake (ExchangeStream),
+// so that a Secondary tells its Primary how much of the stream it holds
+// across a disconnect or a restart. Without it on either side no
+// FrameStream is sent.
+const HelloStream = uint16(1 << 9)

@@ -81,9 +81,13 @@ const (
 	// that the target (Behind) can show progress and an ETA. Sent only to
 	// a peer whose Hello has HelloCatchUp.
 	FrameCatchUp FrameType = 17
+	// FrameStream is exchanged by both sides right after the handshake
+	// when both Hellos carry HelloStream: payload = StreamPos, the
+	// sender's position in the async write stream.
+	FrameStream FrameType = 18
 	// FrameBeacon carries the failover agent's heartbeat (an opaque,
 	// self-authenticated message of package failover/agent) over the
-	// replication link, one of the agent's heartbeat paths. Numbers 17-23 are
+	// replication link, one of the agent's heartbeat paths. Numbers 19-23 are
 	// left to the replication protocol's own growth.
 	FrameBeacon FrameType = 24 // payload: agent message, opaque here
 )
@@ -183,6 +187,7 @@ var rules = [...]rule{
 	FrameClose:      {name: "Close", max: MaxControl, fixed: -1},
 	FrameResyncDone: {name: "ResyncDone", max: MaxControl, fixed: generationsSize},
 	FrameCatchUp:    {name: "CatchUp", max: MaxControl, fixed: 8},
+	FrameStream:     {name: "Stream", max: MaxControl, fixed: streamPosSize},
 	FrameBeacon:     {name: "Beacon", max: MaxBeacon, fixed: -1},
 }
 

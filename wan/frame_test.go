@@ -51,7 +51,7 @@ func TestFrameTypeString(t *testing.T) {
 		want string
 	}{
 		{FrameHello, "Hello"}, {FrameResyncData, "ResyncData"}, {FrameResyncDone, "ResyncDone"},
-		{FrameCatchUp, "CatchUp"}, {0, "FrameType(0)"}, {18, "FrameType(18)"},
+		{FrameCatchUp, "CatchUp"}, {FrameStream, "Stream"}, {0, "FrameType(0)"}, {19, "FrameType(19)"},
 	} {
 		if got := tc.t.String(); got != tc.want {
 			t.Errorf("FrameType(%d).String() = %q, want %q", tc.t, got, tc.want)

@@ -108,6 +108,25 @@ func FuzzStateUpdate(f *testing.F) {
 	})
 }
 
+// FuzzStreamPos: as FuzzHello, for StreamPos.
+func FuzzStreamPos(f *testing.F) {
+	f.Add(mustMarshal(f, StreamPos{Stream: 0x5eed, Pos: 1 << 33, Replay: 1 << 32}))
+	f.Add(mustMarshal(f, StreamPos{}))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var p StreamPos
+		if err := p.UnmarshalBinary(data); err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("undocumented error: %v", err)
+			}
+			return
+		}
+		b, err := p.MarshalBinary()
+		if err != nil || !bytes.Equal(b, data) {
+			t.Fatalf("re-marshals as %x, %v; was %x", b, err, data)
+		}
+	})
+}
+
 // FuzzGenerations: as FuzzHello, for Generations.
 func FuzzGenerations(f *testing.F) {
 	f.Add(mustMarshal(f, sampleHello().Gen))

@@ -61,6 +61,19 @@ func TestGoldenCatchUp(t *testing.T) {
 	}
 }
 
+// TestGoldenStream: the whole FrameStream, header and payload.
+func TestGoldenStream(t *testing.T) {
+	want := readHex(t, "stream.hex")
+	f := Frame{Header{Type: FrameStream, Length: 24}, mustMarshal(t, StreamPos{Stream: 0x5eed0000cafe0001, Pos: 1000, Replay: 901})}
+	if got := encode(t, f); !bytes.Equal(got, want) {
+		t.Fatalf("Stream frame encodes as\n%x\nwant\n%x", got, want)
+	}
+	back, err := NewReader(bytes.NewReader(want)).ReadFrame()
+	if err != nil || back.Header != f.Header || !bytes.Equal(back.Payload, f.Payload) {
+		t.Fatalf("decode: %+v, %v", back, err)
+	}
+}
+
 func TestGoldenGenerations(t *testing.T) {
 	want := readHex(t, "generations.hex")
 	g := sampleHello().Gen

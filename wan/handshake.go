@@ -128,6 +128,25 @@ func authMAC(secret, binding []byte, peerNonce, ownNonce [32]byte, ownHello, pee
 	return m.Sum(nil)
 }
 
+// ExchangeStream sends own in a FrameStream while it reads the peer's, after
+// a handshake in which both Hellos carried HelloStream. A peer that refuses
+// instead (FrameClose) is ErrPeerClosed with its reason.
+func ExchangeStream(r *Reader, w *Writer, own StreamPos) (StreamPos, error) {
+	b, err := own.MarshalBinary()
+	if err != nil {
+		return StreamPos{}, err
+	}
+	f, err := exchange(r, w, FrameStream, b)
+	if err != nil {
+		return StreamPos{}, err
+	}
+	var peer StreamPos
+	if err := peer.UnmarshalBinary(f.Payload); err != nil {
+		return StreamPos{}, err
+	}
+	return peer, nil
+}
+
 // exchange sends one frame while it reads the peer's next one, and requires that to
 // be of the same type. Writing in a goroutine lets both peers send first: on a
 // synchronous transport two sequential writers would wait for each other forever.

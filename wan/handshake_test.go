@@ -104,6 +104,41 @@ func TestHandshakeSuccess(t *testing.T) {
 	}
 }
 
+// TestExchangeStream: after a handshake both sides send their stream
+// position at once and each reads the other's.
+func TestExchangeStream(t *testing.T) {
+	ca, cb := pipe(t)
+	ha, hb := helloPair()
+	ha.Flags |= HelloStream
+	hb.Flags |= HelloStream
+	cha, chb := startHandshake(ca, ha, testSecret), startHandshake(cb, hb, testSecret)
+	ra, rb := await(t, cha), await(t, chb)
+	if ra.err != nil || rb.err != nil {
+		t.Fatalf("handshake: a %v, b %v", ra.err, rb.err)
+	}
+	if ra.peer.Flags&HelloStream == 0 || rb.peer.Flags&HelloStream == 0 {
+		t.Fatal("HelloStream lost in the handshake")
+	}
+	pa, pb := StreamPos{Stream: 9, Pos: 1000}, StreamPos{Stream: 9, Pos: 990}
+	got := make(chan StreamPos, 1)
+	errc := make(chan error, 1)
+	go func() {
+		p, err := ExchangeStream(rb.r, rb.w, pb)
+		got <- p
+		errc <- err
+	}()
+	p, err := ExchangeStream(ra.r, ra.w, pa)
+	if err != nil || p != pb {
+		t.Fatalf("a read %+v, %v; want %+v", p, err, pb)
+	}
+	if p, err := <-got, <-errc; err != nil || p != pa {
+		t.Fatalf("b read %+v, %v; want %+v", p, err, pa)
+	}
+	if _, err := ExchangeStream(ra.r, ra.w, StreamPos{Pos: 1}); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("a position without a stream sent: %v", err)
+	}
+}
+
 // TestHandshakeTCP runs the handshake and a zero-copy batch over real TCP, where the
 // Writer uses writev.
 func TestHandshakeTCP(t *testing.T) {

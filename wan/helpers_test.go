@@ -72,6 +72,7 @@ func validFrames(t testing.TB) []Frame {
 		{Header{Type: FrameClose}, []byte("shutting down — bye")},
 		{Header{Type: FrameResyncDone, Seq: 14}, mustMarshal(t, gen)},
 		{Header{Type: FrameCatchUp}, PutU64(48 << 20)},
+		{Header{Type: FrameStream}, mustMarshal(t, StreamPos{Stream: 0x5eed, Pos: 1 << 33, Replay: 7})},
 	}
 }
 

@@ -13,6 +13,7 @@ const (
 	digestSize      = 8 + DigestSize
 	generationsSize = 32
 	stateUpdateSize = 2 + generationsSize
+	streamPosSize   = 24
 	helloFixedSize  = 102 // Hello v1 without its two strings
 	maxName         = 255
 )
@@ -137,6 +138,57 @@ func (s *StateUpdate) UnmarshalBinary(p []byte) error {
 	return nil
 }
 
+// StreamPos is FrameStream's payload: a position in a Primary's async write
+// stream. Stream is the Primary's identifier for the stream (random, fresh
+// each time a node becomes Primary; 0: no position), Pos a count of the
+// write and zero frames it has shipped. A Primary sends the last position it
+// shipped; a Secondary the last it applied, whose disk then holds exactly
+// the stream's first Pos writes. A Primary that kept the unacknowledged
+// part of its stream across a disconnect sets Replay: it can bring a peer
+// holding any position from Replay-1 to Pos up to date by sending the
+// rest of the stream (0: it cannot). On the wire, 24 bytes: stream u64 |
+// pos u64 | replay u64.
+type StreamPos struct {
+	Stream, Pos uint64
+	Replay      uint64
+}
+
+func (p StreamPos) check() error {
+	switch {
+	case p.Stream == 0 && (p.Pos != 0 || p.Replay != 0):
+		return fmt.Errorf("%w: stream position %d (replay %d) without a stream", ErrMalformed, p.Pos, p.Replay)
+	case p.Replay > 0 && p.Replay-1 > p.Pos:
+		return fmt.Errorf("%w: replay from %d past position %d", ErrMalformed, p.Replay, p.Pos)
+	}
+	return nil
+}
+
+// MarshalBinary encodes p; a position without a stream, or a replay past
+// the position, is ErrMalformed.
+func (p StreamPos) MarshalBinary() ([]byte, error) {
+	if err := p.check(); err != nil {
+		return nil, err
+	}
+	b := make([]byte, streamPosSize)
+	binary.BigEndian.PutUint64(b, p.Stream)
+	binary.BigEndian.PutUint64(b[8:], p.Pos)
+	binary.BigEndian.PutUint64(b[16:], p.Replay)
+	return b, nil
+}
+
+// UnmarshalBinary decodes exactly 24 bytes; on error p is unchanged.
+func (p *StreamPos) UnmarshalBinary(b []byte) error {
+	if len(b) != streamPosSize {
+		return fmt.Errorf("%w: stream position of %d bytes, want %d", ErrMalformed, len(b), streamPosSize)
+	}
+	x := StreamPos{Stream: binary.BigEndian.Uint64(b), Pos: binary.BigEndian.Uint64(b[8:]), Replay: binary.BigEndian.Uint64(b[16:])}
+	if err := x.check(); err != nil {
+		return err
+	}
+	*p = x
+	return nil
+}
+
 // Hello is the first frame each side sends.
 //
 // Layout, version 1, big-endian:
@@ -144,7 +196,7 @@ func (s *StateUpdate) UnmarshalBinary(p []byte) error {
 //	offset  size  field
 //	0       2     version (1)
 //	2       2     flags (bit 0 HelloNeverWritten, bit 1 HelloDiscardMine, bit 2 HelloZstd, bit 3 HelloCatchUp, bits 4-7 0;
-//	              bits 8-15 optional: bit 8 HelloResyncHeld, others ignored)
+//	              bits 8-15 optional: bit 8 HelloResyncHeld, bit 9 HelloStream, others ignored)
 //	4       1     role (0..2)
 //	5       1     disk
 //	6       1     mode (0..1)

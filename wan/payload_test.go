@@ -61,6 +61,35 @@ func TestGenerations(t *testing.T) {
 	}
 }
 
+func TestStreamPos(t *testing.T) {
+	for _, p := range []StreamPos{{}, {Stream: 1}, {Stream: 1, Replay: 1}, {Stream: 2, Pos: 9, Replay: 4}, {Stream: math.MaxUint64, Pos: math.MaxUint64, Replay: math.MaxUint64}} {
+		b := mustMarshal(t, p)
+		if len(b) != 24 {
+			t.Fatalf("%+v: %d bytes", p, len(b))
+		}
+		var got StreamPos
+		if err := got.UnmarshalBinary(b); err != nil || got != p {
+			t.Fatalf("round trip %+v: %+v, %v", p, got, err)
+		}
+	}
+	for _, p := range []StreamPos{{Pos: 7}, {Replay: 1}, {Stream: 1, Pos: 3, Replay: 5}} {
+		if _, err := p.MarshalBinary(); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("marshal %+v: %v", p, err)
+		}
+	}
+	kept := StreamPos{Stream: 3, Pos: 4}
+	bad := make([]byte, 24)
+	bad[15] = 7
+	past := mustMarshal(t, StreamPos{Stream: 1, Pos: 3, Replay: 4})
+	past[23] = 5
+	for _, b := range [][]byte{bad, past, make([]byte, 23), make([]byte, 25), nil} {
+		got := kept
+		if err := got.UnmarshalBinary(b); !errors.Is(err, ErrMalformed) || got != kept {
+			t.Fatalf("%x: %v, left %+v", b, err, got)
+		}
+	}
+}
+
 func TestStateUpdate(t *testing.T) {
 	for _, s := range []StateUpdate{
 		{},

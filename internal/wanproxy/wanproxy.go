@@ -123,6 +123,9 @@ func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 // Delivered returns the bytes delivered up (client to target) and down.
 func (p *Proxy) Delivered() (up, down int64) { return p.up.Load(), p.down.Load() }
 
+// Target is where connections are forwarded to (for a restarted proxy).
+func (p *Proxy) Target() string { return p.cfg.Target }
+
 // Connections returns how many connections were forwarded.
 func (p *Proxy) Connections() int {
 	p.mu.Lock()
