@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -388,6 +389,11 @@ func (k *KernelDevice) attachIoctl(s *Server, exp *Export, o *KernelOptions) err
 			req, arg uintptr
 		}{"NBD_SET_SOCK", ioctlSetSock, uintptr(fd)})
 	}
+	// The kernel takes NBD_SET_SOCK only from the task (thread) that
+	// gave the first one ("Device being setup by another task"), and a
+	// goroutine may move between threads from one syscall to the next.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	for _, st := range steps {
 		if err := ioctl(f, st.req, st.arg); err != nil {
 			_ = ioctl(f, ioctlClearSock, 0)
