@@ -33,6 +33,24 @@ func watchPrefix(t *testing.T, a, b *node, blocks int) {
 	})
 }
 
+// windowAcked reports whether the Primary's peer acknowledged every write
+// the window sent itself rather than from the journal: those bytes live
+// only in the send buffer, so a replay can continue only past them.
+func windowAcked(v *Volume) bool {
+	s := v.link.current()
+	if s == nil {
+		return false
+	}
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	for _, e := range s.tl {
+		if e.kind == entWrite && !e.journaled {
+			return false
+		}
+	}
+	return true
+}
+
 // TestDisconnectReplaysJournal: the link drops while the window spills to
 // the journal, the Primary writes on alone, and on reconnect it replays
 // its journal from the Secondary's position: no resync, no undo log, the
@@ -44,6 +62,7 @@ func TestDisconnectReplaysJournal(t *testing.T) {
 	if a.v.link.journal.usedBytes() == 0 {
 		t.Fatal("test setup: nothing journaled")
 	}
+	waitFor(t, "the window's own writes acknowledged", func() bool { return windowAcked(a.v) })
 	fault.setCut(true)
 	waitFor(t, "disconnect", func() bool { return a.v.link.current() == nil && b.v.link.current() == nil })
 	writeStamped(t, a.v, 1000, 1500) // alone
@@ -104,6 +123,7 @@ func TestReplayResumesAfterTargetRestart(t *testing.T) {
 	a, b, fault := asyncPrimary(t, pairOpts{mode: ModeAsync, peer: journalPeer(64<<10, 16<<20)})
 	fault.slow.Store(rate.NewLimiter(2<<20, 64<<10))
 	writeStamped(t, a.v, 0, 1000)
+	waitFor(t, "the window's own writes acknowledged", func() bool { return windowAcked(a.v) })
 	fault.setCut(true)
 	waitFor(t, "disconnect", func() bool { return a.v.link.current() == nil && b.v.link.current() == nil })
 	writeStamped(t, a.v, 1000, 1500)
