@@ -14,7 +14,7 @@ import (
 
 // TestServeNegotiatedKernelConn plays the kernel's part on a socketpair:
 // no handshake, a WRITE with FUA, a FLUSH and a READ, then Shutdown, which
-// must end the blocked read of a kernelConn and answer what was read.
+// must end the blocked read of a blockingConn and answer what was read.
 func TestServeNegotiatedKernelConn(t *testing.T) {
 	d := newMemDevice(t, 1<<20)
 	srv := newTestServer(t, Export{Name: "k", Device: d})

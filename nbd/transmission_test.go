@@ -443,3 +443,45 @@ func TestStatsCounters(t *testing.T) {
 		t.Fatalf("Stats = %+v\nwant    %+v", got, want)
 	}
 }
+
+// TestLargePayloadsBesideSmallOnes: payloads from directPayload up are read
+// past the read buffer (readPayload). Sent in one stream with small writes
+// and a read around them, and in pieces with pauses, every payload lands
+// where it belongs and the stream stays in step.
+func TestLargePayloadsBesideSmallOnes(t *testing.T) {
+	_, d, c := startTx(t)
+	big, small := pattern(7, 4*directPayload+100), pattern(8, 512)
+	var stream []byte
+	stream = append(stream, encRequest(0, wireCmdWrite, 1, 0, uint32(len(small)))...)
+	stream = append(stream, small...)
+	stream = append(stream, encRequest(0, wireCmdWrite, 2, 4096, uint32(len(big)))...)
+	stream = append(stream, big...)
+	stream = append(stream, encRequest(0, wireCmdWrite, 3, 4096+uint64(len(big)), uint32(len(small)))...)
+	stream = append(stream, small...)
+	// The first piece ends inside the big payload, so the reader may hold
+	// part of it buffered when it turns to the socket for the rest.
+	cut := requestHeaderSize + len(small) + requestHeaderSize + 1000
+	c.write(stream[:cut])
+	c.write(stream[cut:])
+	seen := map[uint64]bool{}
+	for range 3 { // in any order: the device is not LocalOnly
+		errno, cookie := c.simpleReply()
+		if errno != 0 || cookie < 1 || cookie > 3 || seen[cookie] {
+			t.Fatalf("reply errno %d cookie %d (seen %v)", errno, cookie, seen)
+		}
+		seen[cookie] = true
+	}
+	c.cookie = 4
+	if got := c.readAt(4096, uint32(len(big))); !bytes.Equal(got, big) {
+		t.Fatal("the large payload read back differs")
+	}
+	if got := c.readAt(4096+uint64(len(big)), uint32(len(small))); !bytes.Equal(got, small) {
+		t.Fatal("the small write after the large one landed wrong")
+	}
+	if got := c.readAt(0, uint32(len(small))); !bytes.Equal(got, small) {
+		t.Fatal("the small write before the large one landed wrong")
+	}
+	if st := d.stats(); st.Writes != 3 {
+		t.Fatalf("device saw %d writes, want 3", st.Writes)
+	}
+}

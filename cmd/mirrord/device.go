@@ -120,7 +120,7 @@ func (k *kernelExport) attachLocked() error {
 	if k.dev != nil {
 		return nil
 	}
-	minProcsForKernel()
+	minProcsForKernel(k.cfg.DeviceConnections)
 	idx, _ := deviceIndex(k.cfg.Device) // validated with the config
 	iface := k.cfg.DeviceInterface
 	if iface == "auto" {
@@ -141,16 +141,18 @@ func (k *kernelExport) attachLocked() error {
 	return nil
 }
 
-// minProcsForKernel gives the Go scheduler a second P when it has one
-// (a single-CPU host or VM) and GOMAXPROCS was not set. The kernel's
-// connections are read with blocking read(2) on their own threads; with one
-// P, the thread blocked in read holds it, so sysmon wakes every 20 us and
-// takes it back on every request (measured in a 1-vCPU VM: QD1 writes at
-// 800-1700 IOPS against 2200-2500 with two Ps). With an idle P to spare,
-// sysmon leaves a blocked syscall alone and backs off to sleeping.
-func minProcsForKernel() {
-	if os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) < 2 {
-		runtime.GOMAXPROCS(2)
+// minProcsForKernel gives the Go scheduler a P per kernel connection on top
+// of one per CPU, unless GOMAXPROCS was set. The kernel's connections are
+// read with blocking read(2) on their own threads, and a thread blocked in
+// a syscall keeps its P until sysmon takes it back: with fewer Ps than
+// busy connections, a request that arrives on the others, or a handler
+// goroutine, waits for sysmon (20 us to 10 ms). With one P on a
+// single-CPU VM sysmon took it back on every request (QD1 writes at
+// 800-1700 IOPS against 2200-2500 with two Ps); with five rather than two,
+// 1 MiB writes cost 36-51 against 51-92 context switches each there.
+func minProcsForKernel(conns int) {
+	if want := runtime.NumCPU() + conns; os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) < want {
+		runtime.GOMAXPROCS(want)
 	}
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"runtime"
 	"testing"
 	"time"
 
@@ -39,5 +40,28 @@ func TestDeviceIndex(t *testing.T) {
 		if got, err := deviceIndex(in); err != nil || got != want {
 			t.Errorf("deviceIndex(%q) = %d, %v; want %d", in, got, err, want)
 		}
+	}
+}
+
+// TestMinProcsForKernel: attaching gives a P per kernel connection on top
+// of one per CPU, never fewer Ps than there were, and leaves an explicit
+// GOMAXPROCS alone.
+func TestMinProcsForKernel(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	t.Setenv("GOMAXPROCS", "")
+	minProcsForKernel(4)
+	if got, want := runtime.GOMAXPROCS(0), runtime.NumCPU()+4; got != want {
+		t.Fatalf("GOMAXPROCS %d after attaching 4 connections, want %d", got, want)
+	}
+	runtime.GOMAXPROCS(runtime.NumCPU() + 10)
+	minProcsForKernel(4)
+	if got, want := runtime.GOMAXPROCS(0), runtime.NumCPU()+10; got != want {
+		t.Fatalf("GOMAXPROCS %d, want it kept at %d", got, want)
+	}
+	t.Setenv("GOMAXPROCS", "1")
+	runtime.GOMAXPROCS(1)
+	minProcsForKernel(4)
+	if got := runtime.GOMAXPROCS(0); got != 1 {
+		t.Fatalf("GOMAXPROCS %d with GOMAXPROCS=1 in the environment, want 1", got)
 	}
 }
