@@ -29,15 +29,7 @@ func (a *asyncWrite) Done(err error) {
 	st := &c.s.stats
 	st.writes.Add(1)
 	st.bytesWritten.Add(uint64(r.Length))
-	errno := uint32(0)
-	if err != nil {
-		errno = errnoOf(err)
-		st.errors.Add(1)
-		c.log.Warn().Err(err).Uint16("cmd", r.Type).Uint64("offset", r.Offset).Uint32("length", r.Length).
-			Uint32("nbd_errno", errno).Msg("request failed")
-	}
-	c.reply(r.Handle, errno, nil, true)
-	c.budget.release(r.cost)
+	c.complete(r, err, nil, true)
 }
 
 func (a *asyncWrite) SendHeld() { a.c.flushHeld() }

@@ -672,22 +672,28 @@ func (c *conn) handle(r *request) {
 		err = writeZeroes(dev, off, n, r.CommandFlags&CmdFlagNoHole == 0, fua)
 		st.zeroes.Add(1)
 	}
+	c.complete(r, err, data, r.inline)
+}
+
+// complete answers a served request (with data, unless it failed), logs
+// and counts a failure, and gives back the request's budget.
+func (c *conn) complete(r *request, err error, data *[]byte, hold bool) {
 	errno := uint32(0)
 	if err != nil {
 		errno = errnoOf(err)
-		st.errors.Add(1)
-		c.log.Warn().Err(err).Uint16("cmd", r.Type).Int64("offset", off).Int64("length", n).
+		c.s.stats.errors.Add(1)
+		c.log.Warn().Err(err).Uint16("cmd", r.Type).Uint64("offset", r.Offset).Uint32("length", r.Length).
 			Uint32("nbd_errno", errno).Msg("request failed")
 	}
 	if data != nil {
 		if errno == 0 {
-			c.reply(r.Handle, 0, *data, r.inline)
+			c.reply(r.Handle, 0, *data, hold)
 		} else {
-			c.reply(r.Handle, errno, nil, r.inline)
+			c.reply(r.Handle, errno, nil, hold)
 		}
 		putBuf(data)
 	} else {
-		c.reply(r.Handle, errno, nil, r.inline)
+		c.reply(r.Handle, errno, nil, hold)
 	}
 	// The request counts against the budget until its reply is written:
 	// a client that does not read replies must stop the reader, not leave
