@@ -181,6 +181,8 @@ func humanFailover(r *failoverView) string {
 	if f := r.ResourceFailure; f != nil {
 		state := "no local recovery left: handing over or staying (see the decisions)"
 		switch {
+		case f.Down && f.Recovering:
+			state = fmt.Sprintf("the resources are DOWN (failed to start); retry %d running", f.Retries)
 		case f.Recovering:
 			state = "local recovery running"
 		case f.Down && f.NextRetry != nil:

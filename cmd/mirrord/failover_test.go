@@ -150,4 +150,10 @@ func TestHumanFailoverStatus(t *testing.T) {
 	if want := "RESOURCE FAILED: app since 0001-01-01T00:00:00Z: start app: exit status 3; local recoveries 1 of 1; the resources are DOWN (failed to start); 2 retries, the next at 2026-01-02T03:04:05Z"; !strings.Contains(got, want) {
 		t.Errorf("human failover status lacks %q:\n%s", want, got)
 	}
+	// While a retry runs the chain is still down.
+	r.ResourceFailure.Recovering, r.ResourceFailure.Retries = true, 3
+	got = humanFailover(viewFailover(r))
+	if want := "local recoveries 1 of 1; the resources are DOWN (failed to start); retry 3 running"; !strings.Contains(got, want) {
+		t.Errorf("human failover status lacks %q:\n%s", want, got)
+	}
 }
