@@ -69,8 +69,10 @@ type session struct {
 	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
-	epoch atomic.Uint64
-	ahead atomic.Bool
+	epoch  atomic.Uint64
+	ahead  atomic.Bool
+	awake  atomic.Bool   // keepAwake holds a P in a system call (awake.go)
+	frames atomic.Uint64 // frames received, for keepAwake
 
 	// Secondary side.
 	applying sync.WaitGroup
@@ -360,7 +362,7 @@ func (s *session) exchangeBitmaps() (*bitmap.Bitmap, error) {
 // the transfer log has been folded into the bitmap.
 func (s *session) run() {
 	source := s.repl == ReplSyncSource // read before the loops may change it
-	s.loops.Add(3)
+	s.loops.Add(4)
 	if j := s.l.journal; j != nil {
 		j.attach(s)
 		s.loops.Add(1)
@@ -369,6 +371,7 @@ func (s *session) run() {
 	go s.sendLoop()
 	go s.recvLoop()
 	go s.watchdog()
+	go s.keepAwake()
 	s.v.ev.emit("peer", s.v.Status())
 	if source {
 		go s.runResync()
@@ -735,6 +738,7 @@ func (s *session) recvLoop() {
 			return
 		}
 		s.lastRecv.Store(time.Now().UnixNano())
+		s.frames.Add(1)
 		s.l.stats.recvBytes.Add(uint64(len(f.Payload) + wan.HeaderSize))
 		if err := s.handle(f); err != nil {
 			s.fail(err)

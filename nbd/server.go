@@ -217,6 +217,7 @@ func (s *Server) serveConn(nc net.Conn, exp *Export) {
 		delete(s.conns, c)
 		if c.thread {
 			s.threads--
+			ReleaseP()
 		}
 		s.mu.Unlock()
 	}()
@@ -385,9 +386,9 @@ func (c *conn) serve() {
 }
 
 // takeThread serves the rest of the connection with blocking reads when a
-// P can be spared for it (see blockingConn): GOMAXPROCS-1 connections at a
-// time, so one P always stays for handlers and the other connections,
-// which stay on Go's poller. Measured on the 2-core bench VM (fio's nbd
+// P can be spared for it (see blockingConn, ReserveP): GOMAXPROCS-1 such
+// goroutines at a time in the process, so one P always stays for handlers
+// and the other connections, which stay on Go's poller. Measured on the 2-core bench VM (fio's nbd
 // engine, one connection, a busy machine), server CPU per request: 4 KiB
 // writes at QD32 5.8-6.7 against 6.6-8.0 us through the poller, 1 MiB
 // writes 334-441 against 445-486 us, 4 KiB writes at QD1 12-14 against
@@ -400,10 +401,12 @@ func (c *conn) takeThread() bool {
 	if c.stopping.Load() {
 		return false
 	}
-	if s.threads < runtime.GOMAXPROCS(0)-1 {
+	if ReserveP() {
 		if nc, ok := blocking(c.nc); ok {
 			c.nc, c.thread = nc, true
 			s.threads++
+		} else {
+			ReleaseP()
 		}
 	}
 	return true
