@@ -24,14 +24,15 @@ import (
 // Secondary of a sync session and a P can be spared (nbd.ReserveP, shared
 // with the NBD server's blocking readers): sysmon only parks when every P
 // is idle. Each wait is shorter than the 10 ms after which sysmon takes
-// an idle syscall's P back; a promotion or the session's end releases
-// the P within one wait.
+// an idle syscall's P back; the session's end releases the P within one
+// wait, and Promote waits for that (awaitAsleep), so that an NBD client
+// connecting right after a promotion gets a thread of its own.
 //
 // A busy target needs none of it (its Ps are seldom all idle), and there
 // the parked P cost half the 4k QD32 rate (25-40k against 49-55k IOPS,
 // also with a third P): above awakeBusyFrames frames in one wait (25k a
-// second; QD1 sync writes reach 12k) the P is released until the next
-// check.
+// second; QD1 sync writes reach 12k) the P is released, and taken again
+// only after a check interval at a lower rate.
 const (
 	awakeWait       = 5 * time.Millisecond   // one parked system call
 	awakeCheck      = 100 * time.Millisecond // re-check while not parked
@@ -42,8 +43,10 @@ func (s *session) keepAwake() {
 	defer s.loops.Done()
 	check := time.NewTicker(awakeCheck)
 	defer check.Stop()
+	quiet := true // the last check's window saw no more than a QD1 rate
 	for {
-		if s.wantAwake() && nbd.ReserveP() {
+		s.awakeMu.Lock()
+		if quiet && s.wantAwake() && nbd.ReserveP() {
 			s.awake.Store(true)
 			ts := unix.NsecToTimespec(int64(awakeWait))
 			for s.wantAwake() {
@@ -53,20 +56,32 @@ func (s *session) keepAwake() {
 					break
 				}
 			}
-			s.awake.Store(false)
 			nbd.ReleaseP()
+			s.awake.Store(false)
 		}
+		s.awakeMu.Unlock()
 		if s.isClosed() {
 			return
 		}
+		before := s.frames.Load()
 		select {
 		case <-s.done:
 			return
 		case <-check.C:
 		}
+		quiet = s.frames.Load()-before <= awakeBusyFrames*uint64(awakeCheck/awakeWait)
+
 	}
 }
 
 func (s *session) wantAwake() bool {
 	return s.l.cfg.Mode == ModeSync && s.v.Role() == RoleSecondary && !s.isClosed()
+}
+
+// awaitAsleep returns once keepAwake holds no P (it sees the new role
+// within one wait).
+func (s *session) awaitAsleep() {
+	s.awakeMu.Lock()
+	//lint:ignore SA2001 the lock is only waited for, nothing is guarded here
+	s.awakeMu.Unlock()
 }

@@ -254,6 +254,7 @@ func (v *Volume) Promote(o PromoteOptions) error {
 	v.log.Info().Bool("force", o.Force).Str("gen", genString(v.meta.snapshot().gen)).Msg("promoted to Primary")
 	if s != nil {
 		s.sendState()
+		s.awaitAsleep() // the P kept for a sync target is the NBD reader's now
 	}
 	v.ev.emit("volume", v.Status())
 	return nil

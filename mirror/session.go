@@ -69,10 +69,11 @@ type session struct {
 	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
-	epoch  atomic.Uint64
-	ahead  atomic.Bool
-	awake  atomic.Bool   // keepAwake holds a P in a system call (awake.go)
-	frames atomic.Uint64 // frames received, for keepAwake
+	epoch   atomic.Uint64
+	ahead   atomic.Bool
+	awake   atomic.Bool   // keepAwake holds a P in a system call (awake.go)
+	awakeMu sync.Mutex    // held by keepAwake while it may hold the P
+	frames  atomic.Uint64 // frames received, for keepAwake
 
 	// Secondary side.
 	applying sync.WaitGroup
