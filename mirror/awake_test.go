@@ -75,3 +75,32 @@ func TestKeepAwakeNotInAsyncMode(t *testing.T) {
 		t.Fatal("async Secondary kept awake")
 	}
 }
+
+// The P is released when either the frame rate or the byte rate is above
+// a QD1 writer's: many small frames (4 KiB QD32) or a few large ones
+// (1 MiB QD8, about 1000 frames a second).
+func TestKeepAwakeBusy(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		frames, bytes uint64 // received in the span
+		spans         uint64
+		busy          bool
+	}{
+		{"QD1 4 KiB writes, one wait", 60, 60 << 12, 1, false},
+		{"QD32 4 KiB writes, one wait", 300, 300 << 12, 1, true},
+		{"1 MiB writes, one wait", 5, 5 << 20, 1, true},
+		{"QD1 4 KiB writes, one check", 1200, 1200 << 12, 20, false},
+		{"1 MiB writes, one check", 100, 100 << 20, 20, true},
+		{"nothing", 0, 0, 20, false},
+	} {
+		var s session
+		s.frames.Store(1000)
+		s.recvBytes.Store(1 << 30)
+		f, b := s.recvd()
+		s.frames.Add(tc.frames)
+		s.recvBytes.Add(tc.bytes)
+		if got := s.busy(f, b, tc.spans); got != tc.busy {
+			t.Errorf("%s: busy %v, want %v", tc.name, got, tc.busy)
+		}
+	}
+}
