@@ -194,12 +194,20 @@ const blocks = 1500
 // catch-up follows. read reads the target's disk.
 func overflowThenRecover(t *testing.T, peer func(*PeerConfig)) (a, b *node, fault *netFault, read func(p []byte, off int64) error) {
 	t.Helper()
+	a, b, fault, read = overflowed(t, peer)
+	fault.paused.Store(false)
+	return a, b, fault, read
+}
+
+// overflowed is overflowThenRecover up to the recovery: the link is still
+// paused.
+func overflowed(t *testing.T, peer func(*PeerConfig)) (a, b *node, fault *netFault, read func(p []byte, off int64) error) {
+	t.Helper()
 	a, b, fault = asyncPrimary(t, pairOpts{mode: ModeAsync, resyncRate: 1 << 20, peer: peer})
 	writeStamped(t, a.v, 0, 300)
 	waitFor(t, "base in sync", func() bool { n, _ := a.v.Lag(); return n == 0 })
 	stallAndOverflow(t, a, fault, 300, blocks)
 	read = fileReader(t, filepath.Join(b.dir, "disk.img"))
-	fault.paused.Store(false)
 	return a, b, fault, read
 }
 
@@ -499,22 +507,35 @@ func TestJournalDuringResyncKeepsForeignBits(t *testing.T) {
 // held before the catch-up.
 func TestCatchUpPausesAtUndoCap(t *testing.T) {
 	const undoCap = 512 << 10
-	_, b, fault, read := overflowThenRecover(t, func(pc *PeerConfig) {
+	_, b, fault, read := overflowed(t, func(pc *PeerConfig) {
 		journalPeer(256<<10, 1<<20)(pc)
 		pc.UndoMaxSize = undoCap
 	})
+	// The Behind state can be shorter than a poll: its events say it too.
+	events, cancel := b.v.Subscribe()
+	defer cancel()
+	fault.paused.Store(false)
 	var image int
 	var behind *ResyncStatus
+	sawBehind := func(st Status) {
+		if st.Peer.Replication == string(ReplBehind) && st.Peer.Resync != nil && (behind == nil || st.Peer.Resync.TotalBytes > behind.TotalBytes) {
+			behind = st.Peer.Resync
+		}
+	}
 	waitFor(t, "the catch-up paused at the cap", func() bool {
+		for len(events) > 0 {
+			sawBehind((<-events).Status)
+		}
 		st := b.v.Status()
 		if st.UndoBytes == 0 {
 			image = prefixLen(t, read, blocks) // still the drain
 		}
-		if st.Peer.Replication == string(ReplBehind) && st.Peer.Resync != nil {
-			behind = st.Peer.Resync
-		}
+		sawBehind(st)
 		return strings.Contains(st.Peer.Reason, ErrUndoFull.Error()) && st.Peer.Connection != string(ConnConnected)
 	})
+	for len(events) > 0 {
+		sawBehind((<-events).Status)
+	}
 	if behind == nil || behind.TotalBytes < undoCap {
 		t.Fatalf("the target was never Behind with the announced total: %+v", behind)
 	}
