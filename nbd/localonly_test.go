@@ -92,3 +92,64 @@ func TestCachedReadsInlineAndFallback(t *testing.T) {
 		t.Fatalf("cached hits %d, misses %d; want 8 and 8", cd.cachedHits.get(), cd.misses.get())
 	}
 }
+
+// A burst of large writes sent in one piece lies whole in the reader's
+// buffer: inline writes are served from it without a copy (peekPayload).
+// Mixed with a FUA write (copied and dispatched), a refused write (its
+// payload drained) and small writes, every reply comes back and the device
+// holds every payload.
+func TestLocalOnlyBurstOfLargeWrites(t *testing.T) {
+	d := newMemDevice(t, txSize)
+	ts := startServer(t, nil, Export{Name: "d", Device: localDevice{d}})
+	c := ts.dialGo(t, "")
+	type w struct {
+		off   uint64
+		n     int
+		flags uint16
+		errno uint32
+	}
+	ws := []w{
+		{0, directPayload, 0, 0},
+		{64 << 10, 64 << 10, 0, 0},
+		{160 << 10, 100_000, 0, 0},
+		{300 << 10, 4096, 0, 0},
+		{320 << 10, 128 << 10, wireFlagFUA, 0},
+		{txSize - 1000, 64 << 10, 0, wireENOSPC}, // past the end: refused
+		{512 << 10, 128 << 10, 0, 0},
+		{700 << 10, directPayload - 1, 0, 0},
+	}
+	var burst [][]byte
+	cookies := map[uint64]w{}
+	for i, x := range ws {
+		ck := c.nextCookie()
+		cookies[ck] = x
+		burst = append(burst, encRequest(x.flags, wireCmdWrite, ck, x.off, uint32(x.n)), pattern(byte(i+1), x.n))
+	}
+	c.write(burst...)
+	for range ws {
+		errno, ck := c.simpleReply()
+		x, ok := cookies[ck]
+		if !ok {
+			t.Fatalf("reply for unknown cookie %#x", ck)
+		}
+		delete(cookies, ck)
+		if errno != x.errno {
+			t.Fatalf("write at %d: errno %d, want %d", x.off, errno, x.errno)
+		}
+	}
+	for i, x := range ws {
+		if x.errno != 0 {
+			continue
+		}
+		if got := d.contents(int64(x.off), int64(x.n)); !bytes.Equal(got, pattern(byte(i+1), x.n)) {
+			t.Fatalf("write %d (%d bytes at %d): device differs", i, x.n, x.off)
+		}
+	}
+	// The stream is still in step.
+	p := pattern(0x77, 4096)
+	c.writeAt(900<<10, p)
+	if got := c.readAt(900<<10, 4096); !bytes.Equal(got, p) {
+		t.Fatal("read after the burst differs")
+	}
+	c.disconnect()
+}

@@ -301,6 +301,9 @@ type request struct {
 	buf    *[]byte // WRITE payload, or nil
 	cost   int64
 	inline bool // served on the reader: its reply may wait for the burst
+	// peeked: buf is a view of the read buffer (peekPayload), not a
+	// pooled buffer; it is valid until the reader reads on.
+	peeked bool
 }
 
 // connReader reads from the connection's current socket, which the
@@ -494,11 +497,15 @@ func (c *conn) transmit() (graceful bool) {
 					c.unplug(aw)
 					c.flushHeld()
 				}
-				r.buf = getBuf(int(r.Length))
-				if err := c.readPayload(*r.buf); err != nil {
-					putBuf(r.buf)
-					c.log.Info().Err(err).Msg("connection lost in write payload")
-					return false
+				if quick && r.CommandFlags&CmdFlagFUA == 0 && c.peekPayload(&r) {
+					// Served inline below, before the reader reads on.
+				} else {
+					r.buf = getBuf(int(r.Length))
+					if err := c.readPayload(*r.buf); err != nil {
+						putBuf(r.buf)
+						c.log.Info().Err(err).Msg("connection lost in write payload")
+						return false
+					}
 				}
 			}
 		}
@@ -534,6 +541,9 @@ func (c *conn) transmit() (graceful bool) {
 			c.plugBurst()
 			c.active.Add(1)
 			c.handle(&r)
+			if r.peeked {
+				_, _ = c.br.Discard(int(r.Length)) // buffered: cannot fail
+			}
 			continue
 		}
 		r.cost = max(int64(r.Length), minRequestCost)
@@ -546,6 +556,25 @@ func (c *conn) transmit() (graceful bool) {
 		*rc = r
 		go c.handle(rc)
 	}
+}
+
+// peekPayload points r.buf at a large write's payload where it lies in the
+// read buffer, when all of it is there: a write served inline is done
+// with it before the reader reads on, so the copy into a request buffer
+// is saved. A burst of large writes fills the read buffer with whole
+// payloads (the kernel's client sends 128 KiB requests): that copy was a
+// fifth of mirrord's CPU on 1 MiB writes in a 1-vCPU TCG VM.
+func (c *conn) peekPayload(r *request) bool {
+	n := int(r.Length)
+	if n < directPayload || c.br.Buffered() < n {
+		return false
+	}
+	p, err := c.br.Peek(n)
+	if err != nil {
+		return false
+	}
+	r.buf, r.peeked = &p, true
+	return true
 }
 
 // readPayload reads a write's payload into p. What the read buffer holds
@@ -655,7 +684,9 @@ func (c *conn) handle(r *request) {
 		st.bytesRead.Add(uint64(n))
 	case CmdWrite:
 		err = dev.WriteAt(*r.buf, off, fua)
-		putBuf(r.buf)
+		if !r.peeked {
+			putBuf(r.buf)
+		}
 		st.writes.Add(1)
 		st.bytesWritten.Add(uint64(n))
 		if fua {
