@@ -65,9 +65,12 @@ func (s *session) keepAwake() {
 		s.awakeMu.Lock()
 		if quiet && s.wantAwake() && nbd.ReserveP() {
 			s.awake.Store(true)
-			ts := unix.NsecToTimespec(int64(awakeWait))
 			for s.wantAwake() {
 				f, b := s.recvd()
+				// ppoll writes the time left back into ts: a fresh one
+				// each time, or every wait after the first is zero and
+				// this loop spins (it did, on a whole CPU).
+				ts := unix.NsecToTimespec(int64(awakeWait))
 				_, _ = unix.Ppoll(nil, &ts, nil) // EINTR: just check again
 				if s.busy(f, b, 1) {
 					break

@@ -4,9 +4,27 @@ import (
 	"math/rand/v2"
 	"runtime"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mirrord/mirrord/nbd"
 )
+
+// cpuOver measures the process's CPU time over a window of wall time.
+func cpuOver(t *testing.T, window time.Duration) (used, wall time.Duration) {
+	t.Helper()
+	cpu := func() time.Duration {
+		var ru unix.Rusage
+		if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+			t.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	c0, t0 := cpu(), time.Now()
+	<-time.After(window) // a measurement window, not a wait for an event
+	return cpu() - c0, time.Since(t0)
+}
 
 func keptAwake(v *Volume) bool {
 	s := v.link.current()
@@ -35,6 +53,13 @@ func TestKeepAwakeOnSyncSecondary(t *testing.T) {
 	waitFor(t, "b kept awake, a not", func() bool { return keptAwake(b.v) && !keptAwake(a.v) })
 	if spareP() {
 		t.Fatal("a second P could be reserved with GOMAXPROCS 2")
+	}
+	// Kept awake is a timed wait every 5 ms, not a spin (ppoll writes the
+	// time left into its argument: reused, it was zero after the first
+	// wait and the loop took a whole CPU). Idle, this process uses a small
+	// part of a CPU over a window of wall time.
+	if used, wall := cpuOver(t, 400*time.Millisecond); used > wall/2 {
+		t.Fatalf("idle pair with a kept-awake Secondary used %v of CPU in %v", used, wall)
 	}
 	rng := rand.New(rand.NewPCG(5, 8))
 	randomWrites(t, a.v, rng, 200, 0, testSize)
