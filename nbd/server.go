@@ -396,12 +396,12 @@ func (c *conn) serve() {
 // takeThread serves the rest of the connection with blocking reads when a
 // P can be spared for it (see blockingConn, ReserveP): GOMAXPROCS-1 such
 // goroutines at a time in the process, so one P always stays for handlers
-// and the other connections, which stay on Go's poller. Measured on the 2-core bench VM (fio's nbd
-// engine, one connection, a busy machine), server CPU per request: 4 KiB
-// writes at QD32 5.8-6.7 against 6.6-8.0 us through the poller, 1 MiB
-// writes 334-441 against 445-486 us, 4 KiB writes at QD1 12-14 against
-// 14-23 us, cached 4 KiB reads at QD32 6-9 against 12 us. It reports false
-// if the server is stopping.
+// and the other connections, which stay on Go's poller. Measured on the
+// 2-core bench VM (fio's nbd engine, one connection, a busy machine),
+// server CPU per request: 4 KiB writes at QD32 5.8-6.7 against 6.6-8.0 us
+// through the poller, 1 MiB writes 334-441 against 445-486 us, 4 KiB
+// writes at QD1 12-14 against 14-23 us, cached 4 KiB reads at QD32 6-9
+// against 12 us. It reports false if the server is stopping.
 func (c *conn) takeThread() bool {
 	s := c.s
 	s.mu.Lock()
