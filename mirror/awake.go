@@ -15,10 +15,11 @@ import (
 // CPU just when the Primary's receive loop is to be woken there for the
 // ack. Measured on the 2-core bench VM, fio 4k randwrite QD1 against a
 // loopback pair: the target woke sysmon before reading the frame in 81%
-// of writes (12 us median in that futex alone), and the write took
-// 110-138 us (p50) against 52-63 us with a P kept in a system call as
-// below. A Primary needs nothing of the kind: its NBD reader parks in
-// read(2) (nbd.blockingConn), which keeps sysmon awake.
+// of writes (12 us median in that futex alone). With a P kept in a
+// system call as below, interleaved fresh pairs gave 10.1-12.6k IOPS
+// (mean 79-98 us) against 9.9-11.0k (90-100 us). A Primary needs nothing
+// of the kind: its NBD reader parks in read(2) (nbd.blockingConn), which
+// keeps sysmon awake.
 //
 // keepAwake keeps one P in a system call while this node is the
 // Secondary of a sync session and a P can be spared (nbd.ReserveP, shared
@@ -28,16 +29,11 @@ import (
 // wait, and Promote waits for that (awaitAsleep), so that an NBD client
 // connecting right after a promotion gets a thread of its own.
 //
-// A busy target needs none of it (its Ps are seldom all idle), and there
-// the parked P cost half the 4k QD32 rate (25-40k against 49-55k IOPS,
-// also with a third P): above awakeBusyFrames frames in one wait (25k a
-// second; QD1 sync writes reach 12k) the P is released, and taken again
-// only after a check interval at a lower rate. Large writes are the other
-// busy case: a 1 MiB QD8 sync stream (about 1000 frames a second) kept
-// the target's second P parked while its receive loop and a concurrent
-// large write both wanted one, and lost a quarter of its rate (974-1018
-// against 690-767 MB/s). Above awakeBusyBytes in one wait (200 MB/s; QD1
-// 4 KiB sync writes reach 50) the P is released as well.
+// A busy target needs none of it (its Ps are seldom all idle) and may
+// need the P for its own work: above awakeBusyFrames frames in one wait
+// (25k a second; QD1 sync writes reach 12k) or awakeBusyBytes (200 MB/s,
+// a 1 MiB QD8 stream; QD1 4 KiB writes reach 50) the P is released, and
+// taken again only after a check interval at a lower rate.
 const (
 	awakeWait       = 5 * time.Millisecond   // one parked system call
 	awakeCheck      = 100 * time.Millisecond // re-check while not parked
