@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
@@ -188,6 +189,15 @@ func TestFailoverPartitionsNetns(t *testing.T) {
 	}
 	w.verify(t)
 	closeWriter(w)
+	w.mu.Lock()
+	for off, bs := range w.maybe {
+		var seqs []uint64
+		for _, b := range bs {
+			seqs = append(seqs, binary.BigEndian.Uint64(b))
+		}
+		t.Logf("not acknowledged: offset %d seqs %v (acknowledged there: %s)", off, seqs, blockStamp(w.acked[off], 0))
+	}
+	w.mu.Unlock()
 	l.compareReplicas(a, b)
 }
 
@@ -218,8 +228,42 @@ func (l *lab) compareReplicas(a, b *labNode) {
 		<-n.done
 	}
 	if sa, sb := sumFile(l.t, a.dir+"/vol.img"), sumFile(l.t, b.dir+"/vol.img"); sa != sb {
-		l.t.Fatalf("replicas differ: a %s b %s", sa, sb)
+		l.t.Fatalf("replicas differ: a %s b %s; 4 KiB blocks that differ: %s", sa, sb, diffBlocks(l.t, a.dir+"/vol.img", b.dir+"/vol.img"))
 	}
+}
+
+// blockStamp is the writer's sequence number in a block (see writer.block).
+func blockStamp(d []byte, off int) string {
+	if off+8 > len(d) {
+		return "nothing"
+	}
+	return fmt.Sprintf("seq %d", binary.BigEndian.Uint64(d[off:]))
+}
+
+// diffBlocks lists the 4 KiB blocks in which two files differ (the first
+// 20, and how many), to tell a lost resync region from a torn write.
+func diffBlocks(t *testing.T, pa, pb string) string {
+	t.Helper()
+	da, err := os.ReadFile(pa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := os.ReadFile(pb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	n := 0
+	for off := 0; off < max(len(da), len(db)); off += 4096 {
+		ea, eb := min(off+4096, len(da)), min(off+4096, len(db))
+		if off >= len(da) || off >= len(db) || !bytes.Equal(da[off:ea], db[off:eb]) {
+			if n < 20 {
+				out = append(out, fmt.Sprintf("%d (extent %d: a holds %s, b %s)", off, off>>22, blockStamp(da, off), blockStamp(db, off)))
+			}
+			n++
+		}
+	}
+	return fmt.Sprintf("%d: %s", n, strings.Join(out, ", "))
 }
 
 // Planned switchover there and back under load: no acknowledged write is
