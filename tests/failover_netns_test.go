@@ -216,14 +216,16 @@ func (n *labNode) kill9() {
 }
 
 type labStatus struct {
-	Role  string `json:"role"`
-	Disk  string `json:"disk"`
-	Fence string `json:"fence"`
-	Peer  *struct {
+	Role      string `json:"role"`
+	Disk      string `json:"disk"`
+	Fence     string `json:"fence"`
+	OutOfSync int64  `json:"out_of_sync_bytes"`
+	Peer      *struct {
 		Connection  string `json:"connection"`
 		Replication string `json:"replication"`
 		PeerDisk    string `json:"peer_disk"`
 		ResyncBytes uint64 `json:"resync_bytes"`
+		InFlight    int    `json:"in_flight_writes"`
 	} `json:"peer"`
 	Failover *struct {
 		Epoch  uint64 `json:"epoch"`

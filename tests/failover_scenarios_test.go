@@ -173,6 +173,17 @@ func TestFailoverPartitionsNetns(t *testing.T) {
 			now, ok = l.settled(a, b)
 			return ok
 		})
+		// Settled by status is not yet a working stream: after a heal the
+		// replication connection may still wait out TCP's retransmission
+		// backoff, and its watchdog may yet drop it (then the pair
+		// resyncs). The next partition starts only once acknowledged
+		// writes flow again, so that it begins from a pair in sync as its
+		// heartbeats say, and the failover it may call for is owed.
+		base := w.ok.Load()
+		waitFor(t, 60*time.Second, fmt.Sprintf("writes flowing after partition %d", i), func() bool {
+			p, ok := l.settled(a, b)
+			return ok && p == now && w.ok.Load() >= base+20
+		})
 		if now != primary {
 			failovers++
 		}
@@ -221,6 +232,21 @@ func closeWriter(w *writer) {
 // compareReplicas stops both nodes cleanly and compares their disks.
 func (l *lab) compareReplicas(a, b *labNode) {
 	l.t.Helper()
+	// A write the client gave up on may still be on its way to the
+	// Secondary (a partition's TCP retransmission can outlast the pair
+	// looking settled): stopped then, the Primary's bitmap would rightly
+	// hold the region out of sync and the images differ. Compare once the
+	// Primary has nothing in flight and nothing out of sync.
+	waitFor(l.t, 60*time.Second, "the Primary with nothing in flight or out of sync", func() bool {
+		for _, n := range []*labNode{a, b} {
+			st, err := n.status()
+			if err == nil && st.Role == "Primary" && st.OutOfSync == 0 && st.Peer != nil &&
+				st.Peer.Replication == "Established" && st.Peer.PeerDisk == "UpToDate" && st.Peer.InFlight == 0 {
+				return true
+			}
+		}
+		return false
+	})
 	for _, n := range []*labNode{a, b} {
 		if err := n.cmd.Process.Signal(unix.SIGTERM); err != nil {
 			l.t.Fatal(err)
