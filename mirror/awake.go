@@ -48,8 +48,10 @@ func (s *session) busy(frames, bytes uint64, spans uint64) bool {
 	return f-frames > awakeBusyFrames*spans || b-bytes > awakeBusyBytes*spans
 }
 
+// recvd reads the session's frame count and the link's received bytes
+// (one session at a time: its deltas are the session's).
 func (s *session) recvd() (frames, bytes uint64) {
-	return s.frames.Load(), s.recvBytes.Load()
+	return s.frames.Load(), s.l.stats.recvBytes.Load()
 }
 
 func (s *session) keepAwake() {

@@ -118,12 +118,12 @@ func TestKeepAwakeBusy(t *testing.T) {
 		{"1 MiB writes, one check", 100, 100 << 20, 20, true},
 		{"nothing", 0, 0, 20, false},
 	} {
-		var s session
+		s := session{l: &link{}}
 		s.frames.Store(1000)
-		s.recvBytes.Store(1 << 30)
+		s.l.stats.recvBytes.Store(1 << 30)
 		f, b := s.recvd()
 		s.frames.Add(tc.frames)
-		s.recvBytes.Add(tc.bytes)
+		s.l.stats.recvBytes.Add(tc.bytes)
 		if got := s.busy(f, b, tc.spans); got != tc.busy {
 			t.Errorf("%s: busy %v, want %v", tc.name, got, tc.busy)
 		}

@@ -69,12 +69,11 @@ type session struct {
 	lastCheckpoint atomic.Int64 // unix nanos of the target's last bitmap checkpoint
 	// epoch changes whenever bits may be set for live writes during the
 	// session (going Ahead); a resync ack only clears bits set before it.
-	epoch     atomic.Uint64
-	ahead     atomic.Bool
-	awake     atomic.Bool   // keepAwake holds a P in a system call (awake.go)
-	awakeMu   sync.Mutex    // held by keepAwake while it may hold the P
-	frames    atomic.Uint64 // frames received, for keepAwake
-	recvBytes atomic.Uint64 // and their bytes
+	epoch   atomic.Uint64
+	ahead   atomic.Bool
+	awake   atomic.Bool   // keepAwake holds a P in a system call (awake.go)
+	awakeMu sync.Mutex    // held by keepAwake while it may hold the P
+	frames  atomic.Uint64 // frames received, for keepAwake
 
 	// Secondary side.
 	applying sync.WaitGroup
@@ -741,7 +740,6 @@ func (s *session) recvLoop() {
 		}
 		s.lastRecv.Store(time.Now().UnixNano())
 		s.frames.Add(1)
-		s.recvBytes.Add(uint64(len(f.Payload)))
 		s.l.stats.recvBytes.Add(uint64(len(f.Payload) + wan.HeaderSize))
 		if err := s.handle(f); err != nil {
 			s.fail(err)

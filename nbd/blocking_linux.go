@@ -19,7 +19,7 @@ import (
 // The price is a P: a goroutine blocked in read(2) keeps its P until
 // sysmon takes it back, so the server gives listener connections a thread
 // of their own only while GOMAXPROCS leaves one P free for everything else
-// (Server.threads), and the kernel's connections get Ps of their own from
+// (ReserveP), and the kernel's connections get Ps of their own from
 // cmd/mirrord.
 //
 // Deadlines: only one in the past is honoured, as "stop reading" (what

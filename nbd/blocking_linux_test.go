@@ -13,11 +13,14 @@ func threadCount(s *Server) (threads, blockingConns int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for c := range s.conns {
+		if c.thread {
+			threads++
+		}
 		if _, ok := c.nc.(*blockingConn); ok {
 			blockingConns++
 		}
 	}
-	return s.threads, blockingConns
+	return threads, blockingConns
 }
 
 // TestListenerConnsThreadBudget: listener connections are served with

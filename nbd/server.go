@@ -82,7 +82,6 @@ type Server struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
-	threads   int // listener connections served by blocking reads
 	wg        sync.WaitGroup
 }
 
@@ -216,7 +215,6 @@ func (s *Server) serveConn(nc net.Conn, exp *Export) {
 		s.mu.Lock()
 		delete(s.conns, c)
 		if c.thread {
-			s.threads--
 			ReleaseP()
 		}
 		s.mu.Unlock()
@@ -318,7 +316,7 @@ type conn struct {
 	br     *bufio.Reader
 	exp    *Export
 	log    zerolog.Logger
-	thread bool // nc was made a blockingConn: counted in s.threads
+	thread bool // nc was made a blockingConn, on a P from ReserveP
 
 	budget   budget
 	active   atomic.Int32 // requests being served
@@ -412,7 +410,6 @@ func (c *conn) takeThread() bool {
 	if ReserveP() {
 		if nc, ok := blocking(c.nc); ok {
 			c.nc, c.thread = nc, true
-			s.threads++
 		} else {
 			ReleaseP()
 		}
@@ -491,6 +488,9 @@ func (c *conn) transmit() (graceful bool) {
 			return true
 		}
 		errno := c.check(&r, size)
+		// A buffered write on a LocalOnly device is served on the reader
+		// (see below), so its payload may stay in the read buffer.
+		inlineWrite := quick && r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0
 		if r.Type == CmdWrite {
 			if errno != 0 {
 				// Drain the payload so the stream stays in step, then refuse.
@@ -502,7 +502,7 @@ func (c *conn) transmit() (graceful bool) {
 					c.unplug(aw)
 					c.flushHeld()
 				}
-				if quick && r.CommandFlags&CmdFlagFUA == 0 && c.peekPayload(&r) {
+				if inlineWrite && c.peekPayload(&r) {
 					// Served inline below, before the reader reads on.
 				} else {
 					r.buf = getBuf(int(r.Length))
@@ -540,7 +540,7 @@ func (c *conn) transmit() (graceful bool) {
 		// is done: a burst then costs one read and one write syscall and
 		// no goroutines, as in a threaded C server's worker loop.
 		lone := c.br.Buffered() == 0 && c.active.Load() == 0
-		if quick && ((r.Type == CmdWrite && r.CommandFlags&CmdFlagFUA == 0) || (r.Type == CmdRead && lone)) {
+		if inlineWrite || (quick && r.Type == CmdRead && lone) {
 			// Served before the next request is read: nothing to budget.
 			r.inline = true
 			c.plugBurst()
@@ -811,6 +811,12 @@ func (c *conn) flushHeld() {
 	c.wmu.Lock()
 	c.held.Store(0)
 	defer c.wmu.Unlock()
+	c.flushIdleLocked()
+}
+
+// flushIdleLocked writes the buffered replies unless a flusher is at
+// work (it takes them along). wmu is held.
+func (c *conn) flushIdleLocked() {
 	if !c.flushing && len(c.wbuf) > 0 && c.werr == nil {
 		c.flushLocked(nil)
 	}
@@ -824,9 +830,7 @@ func (c *conn) drainReplies() {
 	for c.flushing && c.werr == nil {
 		c.wcond.Wait()
 	}
-	if len(c.wbuf) > 0 && c.werr == nil {
-		c.flushLocked(nil)
-	}
+	c.flushIdleLocked()
 }
 
 // flushLocked writes pending batches (the first followed by extra, if
