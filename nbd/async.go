@@ -59,9 +59,10 @@ func (c *conn) unplug(dev AsyncWriter) {
 }
 
 // plugBurst plugs a Plugger before a request served on the reader while
-// more are already read.
-func (c *conn) plugBurst() {
-	if c.plugger != nil && !c.plugged && c.br.Buffered() >= requestHeaderSize {
+// more are already read (beyond r's payload, if it is still in the read
+// buffer).
+func (c *conn) plugBurst(r *request) {
+	if c.plugger != nil && !c.plugged && c.br.Buffered()-len(r.peeked) >= requestHeaderSize {
 		c.plugged = true
 		c.plugger.PlugBurst()
 	}
