@@ -2,7 +2,10 @@ package mirror
 
 import (
 	"errors"
+	"os"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestDecide(t *testing.T) {
@@ -97,5 +100,40 @@ func TestReadCached(t *testing.T) {
 	v.Close()
 	if _, err := v.ReadCached(got, 0); !errors.Is(err, ErrClosed) {
 		t.Fatalf("after Close: %v", err)
+	}
+}
+
+// tmpfs refuses RWF_NOWAIT; a volume there is read as always cached, and
+// both written data and holes read back right.
+func TestReadCachedOnTmpfs(t *testing.T) {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("/dev/shm is not a tmpfs here (%v): the test needs one", err)
+	}
+	dir, err := os.MkdirTemp("/dev/shm", "mirrord-test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	v, err := Open(dir+"/img", Options{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if err := v.WriteAt([]byte("cached"), 4096, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		off  int64
+		want string
+	}{{4096, "cached"}, {8192, "\x00\x00\x00\x00\x00\x00"}, {4096, "cached"}} {
+		got := make([]byte, 6)
+		ok, err := v.ReadCached(got, c.off)
+		if !ok || err != nil || string(got) != c.want {
+			t.Fatalf("ReadCached at %d = %v, %v, %q; want true, nil, %q", c.off, ok, err, got, c.want)
+		}
+	}
+	if m := v.nowait.Load(); m != nowaitMemory {
+		t.Fatalf("nowait mode %d, want nowaitMemory", m)
 	}
 }
