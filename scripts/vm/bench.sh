@@ -11,13 +11,15 @@
 # sequential job) and mirrord's ratio to nbdkit-file.
 #
 # Usage: scripts/vm/bench.sh [--runtime N] [--rounds R] [--cpus C]
-#   (seconds per fio run, default 5; rounds, default 3; the VM's CPUs,
+#   (seconds per fio run, default 5; rounds, default 5; the VM's CPUs,
 #   default 1)
-# Slow by nature (TCG): about 3 minutes with the defaults. Not a test: the
-# figures move with the host's load, which the rounds only dampen.
+# Slow by nature (TCG): about 4 minutes with the defaults. Not a test: the
+# figures move with the host's load, which the rounds only dampen (single
+# 5 s runs of one system spread by a third here; five rounds, not three,
+# keep the medians steady).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-rt=5 rounds=3 cpus=1
+rt=5 rounds=5 cpus=1
 while [ $# -gt 0 ]; do
 	case $1 in
 	--runtime) rt=$2; shift 2 ;;
