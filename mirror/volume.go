@@ -382,6 +382,12 @@ func (v *Volume) LocalOnly() bool {
 	return !v.fencePro && (v.link == nil || (v.link.cfg.Mode == ModeAsync && v.link.cfg.OnDisconnect != SuspendIO && !v.link.holds()))
 }
 
+// SplitWrites reports that a write may reach the volume in two parts at
+// no extra cost (nbd serves a payload's buffered head in place): true
+// without a peer, where each part is a pwrite; a replicated part would be
+// a frame of its own.
+func (v *Volume) SplitWrites() bool { return v.link == nil }
+
 // WriteAt writes p at off; with fua the data is on stable storage (on both
 // replicas in sync mode) when WriteAt returns.
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {

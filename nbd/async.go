@@ -60,9 +60,9 @@ func (c *conn) unplug(dev AsyncWriter) {
 
 // plugBurst plugs a Plugger before a request served on the reader while
 // more are already read (beyond r's payload, if it is still in the read
-// buffer).
+// buffer: r.discard).
 func (c *conn) plugBurst(r *request) {
-	if c.plugger != nil && !c.plugged && c.br.Buffered()-len(r.peeked) >= requestHeaderSize {
+	if c.plugger != nil && !c.plugged && c.br.Buffered()-r.discard >= requestHeaderSize {
 		c.plugged = true
 		c.plugger.PlugBurst()
 	}

@@ -59,6 +59,16 @@ type Zeroer interface {
 	WriteZeroes(off, length int64, mayUnmap, fua bool) error
 }
 
+// WriteSplitter is implemented by LocalOnly devices for which a large
+// write taken in two parts costs no more than taken whole (a standalone
+// volume: two pwrites). The server then serves the part of a payload
+// already in its read buffer in place, instead of copying it into a
+// request buffer first (see peekHead). A device that replicates would
+// ship each part as a frame of its own, and declines.
+type WriteSplitter interface {
+	SplitWrites() bool
+}
+
 // Export is one named volume offered to clients.
 type Export struct {
 	// Name is what clients ask for; the empty name, which clients send by

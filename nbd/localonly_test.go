@@ -153,3 +153,79 @@ func TestLocalOnlyBurstOfLargeWrites(t *testing.T) {
 	}
 	c.disconnect()
 }
+
+// splitDevice records the ranges WriteAt is called with.
+type splitDevice struct {
+	localDevice
+	mu    sync.Mutex
+	calls [][2]int64 // off, len
+}
+
+func (d *splitDevice) SplitWrites() bool { return true }
+
+func (d *splitDevice) WriteAt(p []byte, off int64, fua bool) error {
+	d.mu.Lock()
+	d.calls = append(d.calls, [2]int64{off, int64(len(p))})
+	d.mu.Unlock()
+	return d.localDevice.WriteAt(p, off, fua)
+}
+
+// A large write whose payload is only partly in the read buffer is served
+// in two parts, the head straight from the buffer: the device gets every
+// byte right, each part boundary falls on a 4 KiB boundary of the volume
+// (whatever the request's own alignment), and the stream stays in step.
+func TestLocalOnlyLargeWriteHeadFromBuffer(t *testing.T) {
+	d := &splitDevice{localDevice: localDevice{newMemDevice(t, txSize)}}
+	ts := startServer(t, nil, Export{Name: "d", Device: d})
+	c := ts.dialGo(t, "")
+	type w struct {
+		off uint64
+		n   int
+	}
+	ws := []w{{100, 1000}, {5000, 300 << 10}, {320 << 10, 250 << 10}, {600 << 10, 270 << 10}, {900 << 10, 40 << 10}, {980 << 10, 30 << 10}}
+	var burst [][]byte
+	for i, x := range ws {
+		burst = append(burst, encRequest(0, wireCmdWrite, c.nextCookie(), x.off, uint32(x.n)), pattern(byte(i+1), x.n))
+	}
+	c.write(burst...)
+	for range ws {
+		if errno, _ := c.simpleReply(); errno != 0 {
+			t.Fatalf("errno %d", errno)
+		}
+	}
+	// The writes do not overlap, so each call belongs to one of them.
+	want := make([]byte, txSize)
+	for i, x := range ws {
+		copy(want[x.off:], pattern(byte(i+1), x.n))
+	}
+	if got := d.contents(0, txSize); !bytes.Equal(got, want) {
+		t.Fatal("device differs from the writes")
+	}
+	d.mu.Lock()
+	calls := append([][2]int64(nil), d.calls...)
+	d.mu.Unlock()
+	split := 0
+	for _, x := range ws {
+		var parts [][2]int64
+		for _, cl := range calls {
+			if cl[0] >= int64(x.off) && cl[0]+cl[1] <= int64(x.off)+int64(x.n) {
+				parts = append(parts, cl)
+			}
+		}
+		if len(parts) > 1 {
+			split++
+			for _, p := range parts[:len(parts)-1] {
+				if (p[0]+p[1])%4096 != 0 {
+					t.Fatalf("write of %d at %d split at %d, not on a 4 KiB boundary", x.n, x.off, p[0]+p[1])
+				}
+			}
+		}
+	}
+	t.Logf("%d of %d writes served in two parts", split, len(ws))
+	p := pattern(0x77, 4096)
+	c.writeAt(900<<10, p)
+	if got := c.readAt(900<<10, 4096); !bytes.Equal(got, p) {
+		t.Fatal("read after the burst differs")
+	}
+	c.disconnect()
+}
