@@ -83,14 +83,14 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, in 1/100 s
 # Job by job, the two systems back to back, so a change in the host's load
 # hits both alike.
 for job in randwrite-qd1 randwrite-qd32 seqwrite-1m randread-qd32; do
-	for round in $(seq ROUNDS); do for sys in nbdkit-file:/dev/nbd1:$npid mirrord:/dev/nbd0:$mpid; do
-		dev=${sys#*:} pid=${sys##*:}
-		t0=$(ticks "$pid")
-		DEV=${dev%%:*} fio --minimal --section=$job /test/job.fio >/tmp/b/out 2>&1 || { cat /tmp/b/out; echo "VM-FAIL fio $sys"; exit 1; }
-		t1=$(ticks "$pid")
+	for round in $(seq ROUNDS); do for sys in "nbdkit-file /dev/nbd1 $npid" "mirrord /dev/nbd0 $mpid"; do
+		set -- $sys # name, device, server pid
+		t0=$(ticks "$3")
+		DEV=$2 fio --minimal --section=$job /test/job.fio >/tmp/b/out 2>&1 || { cat /tmp/b/out; echo "VM-FAIL fio $1"; exit 1; }
+		t1=$(ticks "$3")
 		# terse v3: 3 job name, 6/7/8 read KiB, KiB/s and IOPS,
 		# 47/48/49 the same for writes; then the server's CPU ticks
-		awk -F';' -v s="${sys%%:*}" -v t=$((t1 - t0)) '{print "BENCH", s, $3, $7, $8, $48, $49, t}' /tmp/b/out
+		awk -F';' -v s="$1" -v t=$((t1 - t0)) '{print "BENCH", s, $3, $7, $8, $48, $49, t}' /tmp/b/out
 	done; done
 done
 VM
