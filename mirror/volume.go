@@ -103,6 +103,9 @@ type Volume struct {
 	direct directWriter
 	// plugs counts NBD readers serving a burst (PlugBurst).
 	plugs atomic.Int32
+	// held: sync writes of a burst whose local copy waits for Unplug
+	// (writeasync.go).
+	held heldWrites
 	// nowait says how ReadCached tells a cached read (nowaitTry...).
 	nowait atomic.Uint32
 

@@ -1,12 +1,15 @@
 package mirror
 
 import (
+	"bytes"
 	"errors"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/mirrord/mirrord/wan"
 )
 
 // doneRecorder is the nbd server's side of WriteAsync in a test: it counts
@@ -61,13 +64,7 @@ func asyncBursts(t *testing.T, v *Volume, rng *rand.Rand, writes int) {
 		v.Unplug()
 		i += burst
 	}
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("writes not answered")
-	}
+	waitDone(t, &wg)
 	for _, d := range recs {
 		if e := d.err.Load(); e != nil {
 			t.Fatalf("write failed: %v", *e)
@@ -158,4 +155,126 @@ func TestPlugBurstAsync(t *testing.T) {
 	a.v.UnplugBurst()
 	waitFor(t, "the last write shipped at the unplug", drained)
 	assertIdentical(t, a, b)
+}
+
+// A burst's local copies wait for Unplug, which sends the frames first: the
+// peer holds a held write's data before this node's disk does, and no write
+// of the burst is answered before the Unplug.
+func TestWriteAsyncBurstLocalCopiesAtUnplug(t *testing.T) {
+	a, b, _ := newPair(t, pairOpts{mode: ModeSync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// A pristine volume's first write, and one to an extent not yet in
+	// the activity log, take the WriteAt path.
+	if err := a.v.WriteAt(make([]byte, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var sent atomic.Int64
+	var recs []*doneRecorder
+	for i := range 8 {
+		p := bytes.Repeat([]byte{byte(i + 1)}, 4096)
+		d := &doneRecorder{wg: &wg, sent: &sent}
+		recs = append(recs, d)
+		wg.Add(1)
+		a.v.WriteAsync(p, int64(i)*8192, true, d)
+	}
+	got := make([]byte, 4096)
+	if err := a.v.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got[0] != 0 {
+		t.Fatalf("local copy of a held write written before Unplug (byte %d)", got[0])
+	}
+	for i, d := range recs {
+		if d.answered.Load() != 0 {
+			t.Fatalf("held write %d answered before Unplug", i)
+		}
+	}
+	a.v.Unplug()
+	waitDone(t, &wg)
+	if sent.Load() == 0 {
+		t.Fatal("writes completed at Unplug sent no replies")
+	}
+	for i, d := range recs {
+		if e := d.err.Load(); e != nil {
+			t.Fatalf("write %d: %v", i, *e)
+		}
+		if err := a.v.ReadAt(got, int64(i)*8192); err != nil {
+			t.Fatal(err)
+		}
+		if got[0] != byte(i+1) || got[4095] != byte(i+1) {
+			t.Fatalf("write %d: local copy holds %d", i, got[0])
+		}
+	}
+	if st := a.v.Status(); st.OutOfSyncBytes != 0 {
+		t.Fatalf("out of sync after acknowledged sync writes: %d", st.OutOfSyncBytes)
+	}
+	assertIdentical(t, a, b)
+}
+
+// The link is cut between a burst's WriteAsync and its Unplug: every held
+// write is still written here and answered, the peer's share is out of
+// sync, and the resync after the heal makes the replicas equal.
+func TestWriteAsyncBurstCutBeforeUnplug(t *testing.T) {
+	a, b, fault := newPair(t, pairOpts{mode: ModeSync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.v.WriteAt(make([]byte, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var sent atomic.Int64
+	var recs []*doneRecorder
+	for i := range 16 {
+		// Every other payload is large enough to be sent in place: its
+		// answer waits until the batch that carries it has left or failed.
+		n := 4096
+		if i%2 == 1 {
+			n = wan.ZeroCopyMin
+		}
+		p := bytes.Repeat([]byte{byte(0x40 + i)}, n)
+		d := &doneRecorder{wg: &wg, sent: &sent}
+		recs = append(recs, d)
+		wg.Add(1)
+		a.v.WriteAsync(p, int64(i)*65536, true, d)
+	}
+	fault.setCut(true)
+	waitFor(t, "the session's end", func() bool { return !established(a.v) })
+	a.v.Unplug()
+	waitDone(t, &wg)
+	for i, d := range recs {
+		if e := d.err.Load(); e != nil {
+			t.Fatalf("write %d: %v", i, *e)
+		}
+	}
+	if got := a.v.Status().OutOfSyncBytes; got == 0 {
+		t.Fatal("nothing out of sync after a cut with writes unacknowledged")
+	}
+	fault.setCut(false)
+	waitFor(t, "resync", func() bool {
+		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0
+	})
+	assertIdentical(t, a, b)
+	got := make([]byte, 4096)
+	for i := range recs {
+		if err := b.v.ReadAt(got, int64(i)*65536); err != nil || got[0] != byte(0x40+i) {
+			t.Fatalf("write %d on the peer after the resync: %v, byte %#x", i, err, got[0])
+		}
+	}
+}
+
+func waitDone(t *testing.T, wg *sync.WaitGroup) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("writes not answered")
+	}
 }

@@ -7,14 +7,20 @@ type asyncWrite struct {
 	r request
 }
 
-// writeAsync starts r on dev from the reader. The budget is taken first;
-// should that wait for replies, what the device holds back leaves before.
+// acquire takes n of the connection's budget for a request. Should that
+// wait for other requests to be answered, what the device holds back for
+// the burst (their frames, their local copies) leaves first.
+func (c *conn) acquire(dev AsyncWriter, n int64) {
+	if !c.budget.tryAcquire(n) {
+		c.unplug(dev)
+		c.budget.acquire(n)
+	}
+}
+
+// writeAsync starts r on dev from the reader, once the budget is taken.
 func (c *conn) writeAsync(dev AsyncWriter, r *request) {
 	r.cost = max(int64(r.Length), minRequestCost)
-	if !c.budget.tryAcquire(r.cost) {
-		dev.Unplug()
-		c.budget.acquire(r.cost)
-	}
+	c.acquire(dev, r.cost)
 	c.handlers.Add(1)
 	c.active.Add(1)
 	a := &asyncWrite{c: c, r: *r}

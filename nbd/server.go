@@ -560,7 +560,7 @@ func (c *conn) transmit() (graceful bool) {
 			continue
 		}
 		r.cost = max(int64(r.Length), minRequestCost)
-		c.budget.acquire(r.cost)
+		c.acquire(aw, r.cost)
 		c.active.Add(1)
 		// A copy for the goroutine, so that r itself stays on the stack:
 		// requests served here allocate nothing (a heap request per
