@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/mirrord/mirrord/internal/busypoll"
 	"github.com/mirrord/mirrord/wan"
 )
 
@@ -126,12 +127,19 @@ type PeerConfig struct {
 	// would take it past the cap is refused and the session ends with
 	// ErrUndoFull: the catch-up pauses, the image stays recoverable.
 	UndoMaxSize int64
+	// BusyPoll is how long the link's reader polls the socket before it
+	// blocks while frames are flowing (busypoll.DefaultWindow if 0, never
+	// if negative).
+	BusyPoll time.Duration
 	// Dial connects to Address (net.Dialer by default); tests inject
 	// faults here.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 func (c *PeerConfig) fillDefaults() {
+	if c.BusyPoll == 0 {
+		c.BusyPoll = busypoll.DefaultWindow
+	}
 	if c.Timeout == 0 {
 		c.Timeout = DefaultPeerTimeout
 	}

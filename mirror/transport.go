@@ -8,10 +8,12 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/time/rate"
 
+	"github.com/mirrord/mirrord/internal/busypoll"
 	"github.com/mirrord/mirrord/wan"
 )
 
@@ -106,6 +108,8 @@ func (s *shaper) waitResync(ctx context.Context, n int64) error {
 // limitedConn applies the cap to writes; Close also ends a wait for tokens.
 type limitedConn struct {
 	net.Conn
+	rc     syscall.RawConn // nil: no polling
+	poll   *busypoll.Poller
 	s      *shaper
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -114,6 +118,26 @@ type limitedConn struct {
 func (s *shaper) wrap(c net.Conn) *limitedConn {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &limitedConn{Conn: c, s: s, ctx: ctx, cancel: cancel}
+}
+
+// busyPoll makes reads poll the socket for up to w while frames are
+// flowing (busypoll); w <= 0, or a conn without a socket, never polls.
+func (c *limitedConn) busyPoll(w time.Duration) {
+	if w <= 0 {
+		return
+	}
+	if sc, ok := c.Conn.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			c.rc, c.poll = rc, busypoll.New(w)
+		}
+	}
+}
+
+func (c *limitedConn) Read(p []byte) (int, error) {
+	if c.poll == nil {
+		return c.Conn.Read(p)
+	}
+	return c.poll.Read(c.rc, p, c.Conn.Read)
 }
 
 func (c *limitedConn) Write(p []byte) (int, error) {
@@ -175,6 +199,7 @@ func (c *limitedConn) Close() error {
 // handshake deadline on c.
 func (l *link) secure(c net.Conn, dialed bool) (raw *limitedConn, stream net.Conn, binding []byte, err error) {
 	raw = l.shaper.wrap(c)
+	raw.busyPoll(l.cfg.BusyPoll)
 	if l.cfg.TLS == nil {
 		return raw, raw, nil, nil
 	}

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/mirrord/mirrord/internal/busypoll"
 )
 
 // blockingConn is a socket read and written with plain blocking syscalls on
@@ -27,13 +29,16 @@ import (
 // while replies can still be written.
 type blockingConn struct {
 	f             *os.File
+	rc            syscall.RawConn
+	poll          *busypoll.Poller
 	local, remote net.Addr
 }
 
 // blocking returns a blockingConn for a connected unix or TCP socket (a dup
 // of its fd; nc is closed), or ok false and nc untouched if nc is another
-// kind of conn or the dup fails.
-func blocking(nc net.Conn) (_ net.Conn, ok bool) {
+// kind of conn or the dup fails. Its reads poll for up to poll while
+// requests are flowing (busypoll).
+func blocking(nc net.Conn, poll time.Duration) (_ net.Conn, ok bool) {
 	sc, isSock := nc.(syscall.Conn)
 	if !isSock {
 		return nc, false
@@ -53,11 +58,19 @@ func blocking(nc net.Conn) (_ net.Conn, ok bool) {
 		return nc, false
 	}
 	bc := &blockingConn{f: os.NewFile(uintptr(fd), "nbd-conn"), local: nc.LocalAddr(), remote: nc.RemoteAddr()}
+	if bc.rc, err = bc.f.SyscallConn(); err == nil {
+		bc.poll = busypoll.New(poll)
+	}
 	_ = nc.Close() // the dup keeps the socket open
 	return bc, true
 }
 
-func (c *blockingConn) Read(b []byte) (int, error)  { return c.f.Read(b) }
+func (c *blockingConn) Read(b []byte) (int, error) {
+	if c.poll == nil {
+		return c.f.Read(b)
+	}
+	return c.poll.Read(c.rc, b, c.f.Read)
+}
 func (c *blockingConn) Write(b []byte) (int, error) { return c.f.Write(b) }
 
 func (c *blockingConn) shutdown(how int) error {

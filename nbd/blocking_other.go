@@ -2,7 +2,10 @@
 
 package nbd
 
-import "net"
+import (
+	"net"
+	"time"
+)
 
 // blocking is Linux only: elsewhere connections stay on Go's poller.
-func blocking(nc net.Conn) (net.Conn, bool) { return nc, false }
+func blocking(nc net.Conn, _ time.Duration) (net.Conn, bool) { return nc, false }

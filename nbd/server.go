@@ -16,6 +16,8 @@ import (
 
 	"github.com/pojntfx/go-nbd/pkg/protocol"
 	"github.com/rs/zerolog"
+
+	"github.com/mirrord/mirrord/internal/busypoll"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown.
@@ -73,6 +75,10 @@ type counters struct {
 type Server struct {
 	// InflightBytes is the per-connection budget of unanswered payload.
 	InflightBytes int64
+	// PollWindow is how long a connection's reader polls its socket
+	// before it blocks while requests are flowing (busypoll); 0 never
+	// polls. Read when a connection starts.
+	PollWindow time.Duration
 
 	log     zerolog.Logger
 	exports []*Export
@@ -93,6 +99,7 @@ func NewServer(log zerolog.Logger, exports ...Export) (*Server, error) {
 	}
 	s := &Server{
 		InflightBytes: DefaultInflightBytes,
+		PollWindow:    busypoll.DefaultWindow,
 		log:           log,
 		listeners:     make(map[net.Listener]struct{}),
 		conns:         make(map[*conn]struct{}),
@@ -413,7 +420,7 @@ func (c *conn) takeThread() bool {
 		return false
 	}
 	if ReserveP() {
-		if nc, ok := blocking(c.nc); ok {
+		if nc, ok := blocking(c.nc, s.PollWindow); ok {
 			c.nc, c.thread = nc, true
 		} else {
 			ReleaseP()

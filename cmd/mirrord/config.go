@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mirrord/mirrord/internal/busypoll"
 	"github.com/mirrord/mirrord/internal/units"
 
 	"github.com/go-viper/mapstructure/v2"
@@ -42,6 +43,9 @@ type Config struct {
 type NodeConfig struct {
 	// Name must differ between the two nodes (default: the hostname).
 	Name string `mapstructure:"name"`
+	// BusyPoll is how long the NBD readers and the replication link poll
+	// their sockets before they block, while data is flowing (0: never).
+	BusyPoll time.Duration `mapstructure:"busy-poll"`
 }
 
 // PeerConfig is the replication partner. Without peer.node the volume is
@@ -179,6 +183,7 @@ func setDefaults(v *viper.Viper) {
 	v.SetDefault("nbd.inflight-bytes", fmt.Sprint(nbd.DefaultInflightBytes))
 	host, _ := os.Hostname()
 	v.SetDefault("node.name", host)
+	v.SetDefault("node.busy-poll", busypoll.DefaultWindow.String())
 	v.SetDefault("volume.meta", "")
 	v.SetDefault("volume.al-extents", mirror.DefaultALExtents)
 	v.SetDefault("peer.node", "")
@@ -347,6 +352,9 @@ func (c *Config) validate() error {
 	if c.Node.Name == "" {
 		bad("node.name", "must be set (no hostname to default to)")
 	}
+	if c.Node.BusyPoll < 0 || c.Node.BusyPoll > time.Second {
+		bad("node.busy-poll", "must be from 0 (never poll) to 1s (got %v)", c.Node.BusyPoll)
+	}
 	if c.Control.Socket == "" {
 		bad("control.socket", "must be set")
 	}
@@ -494,6 +502,10 @@ func (c *Config) mirrorPeer() (*mirror.PeerConfig, error) {
 		Node: p.Node, Address: p.Address, Listen: p.Listen, Secret: secret,
 		Timeout: p.Timeout, PingInterval: p.PingInterval, ConnectRetry: p.ConnectRetry,
 		AsyncWindow: int64(p.AsyncWindow), ResyncMaxRate: int64(p.ResyncMaxRate), ResyncMinRate: int64(p.ResyncMinRate),
+		BusyPoll: c.Node.BusyPoll,
+	}
+	if pc.BusyPoll == 0 {
+		pc.BusyPoll = -1 // never: 0 would be the default
 	}
 	if p.Mode == "async" {
 		pc.Mode = mirror.ModeAsync

@@ -76,6 +76,8 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 		{name: "region size", set: []string{"volume.region-size=1000"}, want: "volume.region-size"},
 		{name: "listen", set: []string{"nbd.listen=udp:x"}, want: "nbd.listen"},
 		{name: "log level", set: []string{"log.level=loud"}, want: "log.level"},
+		{name: "negative busy poll", set: []string{"node.busy-poll=-1us"}, want: "node.busy-poll"},
+		{name: "busy poll past 1s", set: []string{"node.busy-poll=2s"}, want: "node.busy-poll"},
 		{name: "peer mode", set: []string{"peer.node=b", "peer.address=h:1", "peer.secret=s", "peer.mode=fast"}, want: "peer.mode"},
 		{name: "peer without secret", set: []string{"peer.node=b", "peer.address=h:1"}, want: "peer.secret"},
 		{name: "peer named like us", set: []string{"node.name=a", "peer.node=a", "peer.address=h:1", "peer.secret=s"}, want: "peer.node"},
@@ -210,5 +212,31 @@ func TestPeerProfile(t *testing.T) {
 	c, err = load("peer.rate-limit=100Mbit", "peer.resync-share=25%")
 	if err != nil || c.Peer.RateLimit != 12_500_000 || c.Peer.ResyncShare != 25 {
 		t.Fatalf("rate: %v %+v", err, c.Peer)
+	}
+}
+
+// node.busy-poll reaches the replication link: the default, a value, and 0
+// (never), which the link must not read as "use the default".
+func TestBusyPollConfig(t *testing.T) {
+	peer := []string{"peer.node=b", "peer.address=h:1", "peer.secret=s"}
+	for _, tc := range []struct {
+		set       []string
+		node, got time.Duration
+	}{
+		{nil, 100 * time.Microsecond, 100 * time.Microsecond},
+		{[]string{"node.busy-poll=250us"}, 250 * time.Microsecond, 250 * time.Microsecond},
+		{[]string{"node.busy-poll=0"}, 0, -1},
+	} {
+		c, err := loadConfig(configFlags{set: append(tc.set, peer...)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pc, err := c.mirrorPeer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Node.BusyPoll != tc.node || pc.BusyPoll != tc.got {
+			t.Errorf("%v: node.busy-poll %v, peer %v; want %v, %v", tc.set, c.Node.BusyPoll, pc.BusyPoll, tc.node, tc.got)
+		}
 	}
 }

@@ -101,6 +101,7 @@ func run(c *Config, log zerolog.Logger, keepDevice bool) error {
 		return err
 	}
 	srv.InflightBytes = int64(c.NBD.InflightBytes)
+	srv.PollWindow = c.Node.BusyPoll
 	// The kernel device is the agent's first resource (a mount above it
 	// needs it), or follows the role by itself without an agent.
 	kx := &kernelExport{srv: srv, vol: vol, cfg: c.NBD, name: c.Volume.Name, log: log}

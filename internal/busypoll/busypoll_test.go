@@ -1,0 +1,167 @@
+package busypoll
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// pair returns the two ends of a connected unix socket pair, on Go's poller.
+func pair(t *testing.T) (a, b net.Conn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "sock")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	return conn(fds[0]), conn(fds[1])
+}
+
+func rawConn(t *testing.T, c net.Conn) syscall.RawConn {
+	t.Helper()
+	rc, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rc
+}
+
+// reader counts the blocking reads a Poller falls back to.
+type reader struct {
+	c      net.Conn
+	blocks int
+}
+
+func (r *reader) block(b []byte) (int, error) {
+	r.blocks++
+	return r.c.Read(b)
+}
+
+func TestPollsWhileDataFlows(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Fatalf("needs 2 CPUs to poll; TestSingleCPUNeverPolls covers this machine")
+	}
+	a, b := pair(t)
+	p, r := New(time.Second), &reader{c: b}
+	rc := rawConn(t, b)
+	buf := make([]byte, 16)
+
+	// Nothing read yet: the first read blocks.
+	if _, err := a.Write([]byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := p.Read(rc, buf, r.block); err != nil || string(buf[:n]) != "one" || r.blocks != 1 {
+		t.Fatalf("first read: %q, %v, %d blocking reads; want one, nil, 1", buf[:n], err, r.blocks)
+	}
+	// Data flowing: the next read polls and finds what arrives meanwhile.
+	go func() {
+		time.Sleep(5 * time.Millisecond)
+		_, _ = a.Write([]byte("two"))
+	}()
+	if n, err := p.Read(rc, buf, r.block); err != nil || string(buf[:n]) != "two" || r.blocks != 1 {
+		t.Fatalf("polled read: %q, %v, %d blocking reads; want two, nil, 1", buf[:n], err, r.blocks)
+	}
+	// EOF found by the poll is io.EOF, as from the conn.
+	_ = a.Close()
+	if n, err := p.Read(rc, buf, r.block); n != 0 || !errors.Is(err, io.EOF) || r.blocks != 1 {
+		t.Fatalf("polled EOF: %d, %v, %d blocking reads; want 0, EOF, 1", n, err, r.blocks)
+	}
+}
+
+func TestBlocksWhenIdleOrWindowEnds(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Fatalf("needs 2 CPUs to poll; TestSingleCPUNeverPolls covers this machine")
+	}
+	a, b := pair(t)
+	p, r := New(time.Millisecond), &reader{c: b}
+	rc := rawConn(t, b)
+	buf := make([]byte, 16)
+	_, _ = a.Write([]byte("x"))
+	if _, err := p.Read(rc, buf, r.block); err != nil {
+		t.Fatal(err)
+	}
+	// The poll window (1 ms) ends before the data comes: the read blocks
+	// and still returns it; nothing was lost to the poll.
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		_, _ = a.Write([]byte("late"))
+	}()
+	start := time.Now()
+	if n, err := p.Read(rc, buf, r.block); err != nil || string(buf[:n]) != "late" || r.blocks != 2 {
+		t.Fatalf("late read: %q, %v, %d blocking reads; want late, nil, 2", buf[:n], err, r.blocks)
+	}
+	if time.Since(start) < 40*time.Millisecond {
+		t.Fatal("late data read before it was sent")
+	}
+	// Idle far longer than the window: no poll at all, straight to a
+	// blocking read (an idle daemon does not spin).
+	p.last = time.Now().Add(-time.Hour)
+	_, _ = a.Write([]byte("y"))
+	if _, err := p.Read(rc, buf, r.block); err != nil || r.blocks != 3 {
+		t.Fatalf("idle read: %v, %d blocking reads; want nil, 3", err, r.blocks)
+	}
+}
+
+func TestDeadlineEndsPoll(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Fatalf("needs 2 CPUs to poll; TestSingleCPUNeverPolls covers this machine")
+	}
+	a, b := pair(t)
+	p, r := New(time.Second), &reader{c: b}
+	rc := rawConn(t, b)
+	buf := make([]byte, 16)
+	_, _ = a.Write([]byte("x"))
+	if _, err := p.Read(rc, buf, r.block); err != nil {
+		t.Fatal(err)
+	}
+	// A deadline in the past (how a session is stopped) ends the read at
+	// once, poll or not.
+	_ = b.SetReadDeadline(time.Now().Add(-time.Second))
+	if _, err := p.Read(rc, buf, r.block); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read past the deadline: %v, want ErrDeadlineExceeded", err)
+	}
+}
+
+func TestZeroWindowNeverPolls(t *testing.T) {
+	a, b := pair(t)
+	r := &reader{c: b}
+	rc := rawConn(t, b)
+	buf := make([]byte, 16)
+	for _, p := range []*Poller{nil, New(0)} {
+		for range 3 {
+			_, _ = a.Write([]byte("z"))
+			if _, err := p.Read(rc, buf, r.block); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if r.blocks != 6 {
+		t.Fatalf("%d blocking reads, want 6", r.blocks)
+	}
+}
+
+func TestSingleCPUNeverPolls(t *testing.T) {
+	p := New(time.Second)
+	if want := time.Duration(0); runtime.NumCPU() < 2 && p.window != want {
+		t.Fatalf("window on one CPU = %v, want 0", p.window)
+	}
+	if runtime.NumCPU() >= 2 && p.window != time.Second {
+		t.Fatalf("window on %d CPUs = %v, want 1s", runtime.NumCPU(), p.window)
+	}
+}
