@@ -157,11 +157,17 @@ func TestPlugBurstAsync(t *testing.T) {
 	assertIdentical(t, a, b)
 }
 
-// A burst's local copies wait for Unplug, which sends the frames first: the
-// peer holds a held write's data before this node's disk does, and no write
-// of the burst is answered before the Unplug.
-func TestWriteAsyncBurstLocalCopiesAtUnplug(t *testing.T) {
-	a, b, _ := newPair(t, pairOpts{mode: ModeSync})
+// heldBurst promotes a's fresh sync pair and starts one WriteAsync burst
+// on it with more set throughout (no Unplug yet): payload i, of sizes[i]
+// bytes of byte 0x40+i, at i*64 KiB.
+type heldBurst struct {
+	wg   sync.WaitGroup
+	sent atomic.Int64
+	recs []*doneRecorder
+}
+
+func startHeldBurst(t *testing.T, a, b *node, sizes []int) *heldBurst {
+	t.Helper()
 	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
 	if err := a.v.Promote(PromoteOptions{}); err != nil {
 		t.Fatal(err)
@@ -171,44 +177,62 @@ func TestWriteAsyncBurstLocalCopiesAtUnplug(t *testing.T) {
 	if err := a.v.WriteAt(make([]byte, 4096), 0, false); err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	var sent atomic.Int64
-	var recs []*doneRecorder
-	for i := range 8 {
-		p := bytes.Repeat([]byte{byte(i + 1)}, 4096)
-		d := &doneRecorder{wg: &wg, sent: &sent}
-		recs = append(recs, d)
-		wg.Add(1)
-		a.v.WriteAsync(p, int64(i)*8192, true, d)
+	hb := &heldBurst{}
+	for i, n := range sizes {
+		d := &doneRecorder{wg: &hb.wg, sent: &hb.sent}
+		hb.recs = append(hb.recs, d)
+		hb.wg.Add(1)
+		a.v.WriteAsync(bytes.Repeat([]byte{byte(0x40 + i)}, n), int64(i)<<16, true, d)
 	}
+	return hb
+}
+
+// unplug unplugs v and checks every write of the burst succeeded.
+func (hb *heldBurst) unplug(t *testing.T, v *Volume) {
+	t.Helper()
+	v.Unplug()
+	waitDone(t, &hb.wg)
+	for i, d := range hb.recs {
+		if e := d.err.Load(); e != nil {
+			t.Fatalf("write %d: %v", i, *e)
+		}
+	}
+}
+
+// holds checks that v holds the burst's data.
+func (hb *heldBurst) holds(t *testing.T, v *Volume) {
+	t.Helper()
+	got := make([]byte, 4096)
+	for i := range hb.recs {
+		if err := v.ReadAt(got, int64(i)<<16); err != nil || got[0] != byte(0x40+i) || got[4095] != byte(0x40+i) {
+			t.Fatalf("write %d: %v, the disk holds %#x", i, err, got[0])
+		}
+	}
+}
+
+// A burst's local copies wait for Unplug, which sends the frames first: the
+// peer holds a held write's data before this node's disk does, and no write
+// of the burst is answered before the Unplug.
+func TestWriteAsyncBurstLocalCopiesAtUnplug(t *testing.T) {
+	a, b, _ := newPair(t, pairOpts{mode: ModeSync})
+	hb := startHeldBurst(t, a, b, []int{4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096})
 	got := make([]byte, 4096)
 	if err := a.v.ReadAt(got, 0); err != nil {
 		t.Fatal(err)
 	}
 	if got[0] != 0 {
-		t.Fatalf("local copy of a held write written before Unplug (byte %d)", got[0])
+		t.Fatalf("local copy of a held write written before Unplug (byte %#x)", got[0])
 	}
-	for i, d := range recs {
+	for i, d := range hb.recs {
 		if d.answered.Load() != 0 {
 			t.Fatalf("held write %d answered before Unplug", i)
 		}
 	}
-	a.v.Unplug()
-	waitDone(t, &wg)
-	if sent.Load() == 0 {
+	hb.unplug(t, a.v)
+	if hb.sent.Load() == 0 {
 		t.Fatal("writes completed at Unplug sent no replies")
 	}
-	for i, d := range recs {
-		if e := d.err.Load(); e != nil {
-			t.Fatalf("write %d: %v", i, *e)
-		}
-		if err := a.v.ReadAt(got, int64(i)*8192); err != nil {
-			t.Fatal(err)
-		}
-		if got[0] != byte(i+1) || got[4095] != byte(i+1) {
-			t.Fatalf("write %d: local copy holds %d", i, got[0])
-		}
-	}
+	hb.holds(t, a.v)
 	if st := a.v.Status(); st.OutOfSyncBytes != 0 {
 		t.Fatalf("out of sync after acknowledged sync writes: %d", st.OutOfSyncBytes)
 	}
@@ -217,41 +241,20 @@ func TestWriteAsyncBurstLocalCopiesAtUnplug(t *testing.T) {
 
 // The link is cut between a burst's WriteAsync and its Unplug: every held
 // write is still written here and answered, the peer's share is out of
-// sync, and the resync after the heal makes the replicas equal.
+// sync, and the resync after the heal makes the replicas equal. Every other
+// payload is large enough to be sent in place: its answer waits until the
+// batch that carries it has left or failed.
 func TestWriteAsyncBurstCutBeforeUnplug(t *testing.T) {
 	a, b, fault := newPair(t, pairOpts{mode: ModeSync})
-	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
-	if err := a.v.Promote(PromoteOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.v.WriteAt(make([]byte, 4096), 0, false); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var sent atomic.Int64
-	var recs []*doneRecorder
+	var sizes []int
 	for i := range 16 {
-		// Every other payload is large enough to be sent in place: its
-		// answer waits until the batch that carries it has left or failed.
-		n := 4096
-		if i%2 == 1 {
-			n = wan.ZeroCopyMin
-		}
-		p := bytes.Repeat([]byte{byte(0x40 + i)}, n)
-		d := &doneRecorder{wg: &wg, sent: &sent}
-		recs = append(recs, d)
-		wg.Add(1)
-		a.v.WriteAsync(p, int64(i)*65536, true, d)
+		sizes = append(sizes, []int{4096, wan.ZeroCopyMin}[i%2])
 	}
+	hb := startHeldBurst(t, a, b, sizes)
 	fault.setCut(true)
 	waitFor(t, "the session's end", func() bool { return !established(a.v) })
-	a.v.Unplug()
-	waitDone(t, &wg)
-	for i, d := range recs {
-		if e := d.err.Load(); e != nil {
-			t.Fatalf("write %d: %v", i, *e)
-		}
-	}
+	hb.unplug(t, a.v)
+	hb.holds(t, a.v)
 	if got := a.v.Status().OutOfSyncBytes; got == 0 {
 		t.Fatal("nothing out of sync after a cut with writes unacknowledged")
 	}
@@ -260,12 +263,7 @@ func TestWriteAsyncBurstCutBeforeUnplug(t *testing.T) {
 		return established(a.v) && established(b.v) && a.v.Status().OutOfSyncBytes == 0
 	})
 	assertIdentical(t, a, b)
-	got := make([]byte, 4096)
-	for i := range recs {
-		if err := b.v.ReadAt(got, int64(i)*65536); err != nil || got[0] != byte(0x40+i) {
-			t.Fatalf("write %d on the peer after the resync: %v, byte %#x", i, err, got[0])
-		}
-	}
+	hb.holds(t, b.v)
 }
 
 func waitDone(t *testing.T, wg *sync.WaitGroup) {

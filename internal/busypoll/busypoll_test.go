@@ -53,22 +53,29 @@ func (r *reader) block(b []byte) (int, error) {
 	return r.c.Read(b)
 }
 
-func TestPollsWhileDataFlows(t *testing.T) {
+// flowing returns a socket pair's writing end and a Poller over the other
+// that has just read a byte (data is flowing), with its blocking reads
+// counted by r.
+func flowing(t *testing.T, window time.Duration) (a net.Conn, p *Poller, r *reader, rc syscall.RawConn) {
+	t.Helper()
 	if runtime.NumCPU() < 2 {
 		t.Fatalf("needs 2 CPUs to poll; TestSingleCPUNeverPolls covers this machine")
 	}
 	a, b := pair(t)
-	p, r := New(time.Second), &reader{c: b}
-	rc := rawConn(t, b)
-	buf := make([]byte, 16)
-
-	// Nothing read yet: the first read blocks.
-	if _, err := a.Write([]byte("one")); err != nil {
+	p, r, rc = New(window), &reader{c: b}, rawConn(t, b)
+	if _, err := a.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := p.Read(rc, buf, r.block); err != nil || string(buf[:n]) != "one" || r.blocks != 1 {
-		t.Fatalf("first read: %q, %v, %d blocking reads; want one, nil, 1", buf[:n], err, r.blocks)
+	if n, err := p.Read(rc, make([]byte, 1), r.block); n != 1 || err != nil || r.blocks != 1 {
+		t.Fatalf("first read: %d, %v, %d blocking reads; want 1, nil, 1 (nothing read yet: no poll)", n, err, r.blocks)
 	}
+	return a, p, r, rc
+}
+
+func TestPollsWhileDataFlows(t *testing.T) {
+	a, p, r, rc := flowing(t, time.Second)
+	buf := make([]byte, 16)
+
 	// Data flowing: the next read polls and finds what arrives meanwhile.
 	go func() {
 		time.Sleep(5 * time.Millisecond)
@@ -85,17 +92,8 @@ func TestPollsWhileDataFlows(t *testing.T) {
 }
 
 func TestBlocksWhenIdleOrWindowEnds(t *testing.T) {
-	if runtime.NumCPU() < 2 {
-		t.Fatalf("needs 2 CPUs to poll; TestSingleCPUNeverPolls covers this machine")
-	}
-	a, b := pair(t)
-	p, r := New(time.Millisecond), &reader{c: b}
-	rc := rawConn(t, b)
+	a, p, r, rc := flowing(t, time.Millisecond)
 	buf := make([]byte, 16)
-	_, _ = a.Write([]byte("x"))
-	if _, err := p.Read(rc, buf, r.block); err != nil {
-		t.Fatal(err)
-	}
 	// The poll window (1 ms) ends before the data comes: the read blocks
 	// and still returns it; nothing was lost to the poll.
 	go func() {
@@ -119,21 +117,11 @@ func TestBlocksWhenIdleOrWindowEnds(t *testing.T) {
 }
 
 func TestDeadlineEndsPoll(t *testing.T) {
-	if runtime.NumCPU() < 2 {
-		t.Fatalf("needs 2 CPUs to poll; TestSingleCPUNeverPolls covers this machine")
-	}
-	a, b := pair(t)
-	p, r := New(time.Second), &reader{c: b}
-	rc := rawConn(t, b)
-	buf := make([]byte, 16)
-	_, _ = a.Write([]byte("x"))
-	if _, err := p.Read(rc, buf, r.block); err != nil {
-		t.Fatal(err)
-	}
+	_, p, r, rc := flowing(t, time.Second)
 	// A deadline in the past (how a session is stopped) ends the read at
 	// once, poll or not.
-	_ = b.SetReadDeadline(time.Now().Add(-time.Second))
-	if _, err := p.Read(rc, buf, r.block); !errors.Is(err, os.ErrDeadlineExceeded) {
+	_ = r.c.SetReadDeadline(time.Now().Add(-time.Second))
+	if _, err := p.Read(rc, make([]byte, 16), r.block); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("read past the deadline: %v, want ErrDeadlineExceeded", err)
 	}
 }
