@@ -45,7 +45,7 @@ func spareP() bool {
 // never one the process cannot spare (nbd.ReserveP).
 func TestKeepAwakeOnSyncSecondary(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2)) // exactly one P to spare
-	a, b, fault := newPair(t, pairOpts{mode: ModeSync})
+	a, b, fault := newPair(t, pairOpts{mode: ModeSync, peer: noPoll})
 	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
 	if err := a.v.Promote(PromoteOptions{}); err != nil {
 		t.Fatal(err)
@@ -83,6 +83,28 @@ func TestKeepAwakeOnSyncSecondary(t *testing.T) {
 	randomWrites(t, b.v, rng, 200, 0, testSize)
 	if err := b.v.Flush(); err != nil {
 		t.Fatal(err)
+	}
+	assertIdentical(t, a, b)
+}
+
+// noPoll turns the link's busy polling off, as node.busy-poll: 0 does.
+func noPoll(c *PeerConfig) { c.BusyPoll = -1 }
+
+// A sync Secondary whose receive loop polls keeps no P in a system call:
+// the poll keeps one busy while frames flow.
+func TestKeepAwakeNotWhenPolling(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Fatal("needs 2 CPUs: on one the link never polls (TestSingleCPUNeverPolls)")
+	}
+	a, b, _ := newPair(t, pairOpts{mode: ModeSync})
+	waitFor(t, "connection", func() bool { return established(a.v) && established(b.v) })
+	if err := a.v.Promote(PromoteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	randomWrites(t, a.v, rand.New(rand.NewPCG(2, 9)), 100, 0, testSize)
+	s := b.v.link.current()
+	if s == nil || !s.polls || s.wantAwake() || keptAwake(b.v) {
+		t.Fatalf("polling sync Secondary: polls %v, kept awake %v", s != nil && s.polls, keptAwake(b.v))
 	}
 	assertIdentical(t, a, b)
 }

@@ -29,6 +29,9 @@ type session struct {
 	w    *wan.Writer
 	peer wan.Hello
 	zstd bool // data frames are compressed both ways
+	// polls: the receive loop polls the socket while frames flow
+	// (busypoll), which keeps a P busy: no keepAwake (awake.go).
+	polls bool
 
 	// out carries every frame after the handshake, with group commit. In
 	// sync mode the goroutine that has a frame writes it itself (no
@@ -150,7 +153,7 @@ func (l *link) establish(tcp net.Conn, dialed bool) (*session, error) {
 		return nil, err
 	}
 	s := &session{
-		l: l, v: v, conn: c, r: wan.NewReader(stream), w: wan.NewWriter(stream),
+		l: l, v: v, conn: c, polls: c.polls(), r: wan.NewReader(stream), w: wan.NewWriter(stream),
 		tl: make(map[uint64]*tlEntry), kick: make(chan struct{}, 1), jkick: make(chan struct{}, 1), done: make(chan struct{}),
 	}
 	s.resync.cond.L = &s.resync.mu

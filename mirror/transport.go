@@ -133,6 +133,9 @@ func (c *limitedConn) busyPoll(w time.Duration) {
 	}
 }
 
+// polls reports whether reads poll the socket (busyPoll).
+func (c *limitedConn) polls() bool { return c.poll.Polls() }
+
 func (c *limitedConn) Read(p []byte) (int, error) {
 	if c.poll == nil {
 		return c.Conn.Read(p)

@@ -50,11 +50,14 @@ func New(window time.Duration) *Poller {
 	return &Poller{window: window}
 }
 
+// Polls reports whether p ever polls.
+func (p *Poller) Polls() bool { return p != nil && p.window > 0 }
+
 // Read reads into b from the socket behind rc: by polling while data is
 // flowing, and otherwise (or when the poll finds nothing) with block, the
 // socket's ordinary Read. EOF is io.EOF, as from a net.Conn.
 func (p *Poller) Read(rc syscall.RawConn, b []byte, block func([]byte) (int, error)) (int, error) {
-	if p == nil || p.window <= 0 || len(b) == 0 {
+	if !p.Polls() || len(b) == 0 {
 		return block(b)
 	}
 	now := time.Now()
