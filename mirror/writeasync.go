@@ -43,10 +43,11 @@ func (v *Volume) WriteAsync(p []byte, off int64, more bool, w nbd.WriteDone) {
 // local copies (nbd.AsyncWriter).
 func (v *Volume) Unplug() {
 	if v.link != nil {
-		if s := v.link.current(); s != nil {
+		s := v.link.current()
+		if s != nil {
 			s.flushHeld()
 		}
-		v.writeHeld()
+		v.writeHeld(s)
 	}
 }
 
@@ -138,8 +139,9 @@ func (h *heldWrites) giveBack(q []*pendingWrite) {
 }
 
 // writeHeld sends the held frames and writes the held writes' local
-// copies, in the order they were started.
-func (v *Volume) writeHeld() {
+// copies, in the order they were started; flushed is a session whose
+// held frames the caller has just sent (or nil).
+func (v *Volume) writeHeld(flushed *session) {
 	q := v.held.take()
 	if q == nil {
 		return
@@ -148,7 +150,7 @@ func (v *Volume) writeHeld() {
 	// one whose session ended meanwhile flushes into the dead connection,
 	// which fails its send path, so that finish need not wait for a batch
 	// that will never be written.
-	var last *session
+	last := flushed
 	for _, pw := range q {
 		if pw.s != last {
 			last = pw.s

@@ -58,8 +58,10 @@ func blocking(nc net.Conn, poll time.Duration) (_ net.Conn, ok bool) {
 		return nc, false
 	}
 	bc := &blockingConn{f: os.NewFile(uintptr(fd), "nbd-conn"), local: nc.LocalAddr(), remote: nc.RemoteAddr()}
-	if bc.rc, err = bc.f.SyscallConn(); err == nil {
-		bc.poll = busypoll.New(poll)
+	if poll > 0 {
+		if bc.rc, err = bc.f.SyscallConn(); err == nil {
+			bc.poll = busypoll.New(poll)
+		}
 	}
 	_ = nc.Close() // the dup keeps the socket open
 	return bc, true

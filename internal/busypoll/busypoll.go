@@ -64,7 +64,7 @@ func (p *Poller) Read(rc syscall.RawConn, b []byte, block func([]byte) (int, err
 	if now.Sub(p.last) < recentFactor*p.window {
 		n, err, got := p.poll(rc, b, now)
 		if got {
-			p.last = time.Now()
+			p.last = now // at most a window early: far inside recentFactor
 			return n, err
 		}
 	}
