@@ -68,8 +68,17 @@ func TestREADMEDefaults(t *testing.T) {
 		if created {
 			_ = os.Remove(img)
 		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("mirrord run's log:\n%s", b)
+		}
 	}()
 	waitFor(t, 30*time.Second, "default socket", func() bool {
+		select {
+		case err := <-exited:
+			t.Fatalf("mirrord run exited before serving: %v", err)
+		default:
+		}
 		fi, err := os.Stat(sock)
 		return err == nil && fi.Mode()&os.ModeSocket != 0
 	})
