@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test mirrord has, as CI runs it: formatting, go vet, staticcheck,
-# the unit tests under the race detector (fuzz seeds included), and the
-# end-to-end tests with real NBD clients, real mirrord processes, loop
-# devices and mounts (root). Installs what it needs. Usage: scripts/test.sh
+# the unit tests under the race detector (fuzz seeds included), every fuzz
+# target for a second, and the end-to-end tests with real NBD clients, real
+# mirrord processes, loop devices and mounts (root). Installs what it
+# needs. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh test
@@ -16,5 +17,7 @@ echo "== staticcheck"
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 echo "== unit tests (-race)"
 go test -race -count=1 -timeout 15m ./bitmap/ ./nbd/ ./wan/ ./mirror/ ./failover/... ./internal/... ./cmd/...
+echo "== fuzz targets, 1 s each (make fuzz runs them for a minute)"
+FUZZTIME=1s scripts/fuzz.sh
 echo "== end-to-end tests"
 go test -count=1 -timeout 30m ./tests/
