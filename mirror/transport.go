@@ -108,8 +108,7 @@ func (s *shaper) waitResync(ctx context.Context, n int64) error {
 // limitedConn applies the cap to writes; Close also ends a wait for tokens.
 type limitedConn struct {
 	net.Conn
-	rc     syscall.RawConn // nil: no polling
-	poll   *busypoll.Poller
+	poll   *busypoll.Poller // nil: reads only block
 	s      *shaper
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -123,13 +122,8 @@ func (s *shaper) wrap(c net.Conn) *limitedConn {
 // busyPoll makes reads poll the socket for up to w while frames are
 // flowing (busypoll); w <= 0, or a conn without a socket, never polls.
 func (c *limitedConn) busyPoll(w time.Duration) {
-	if w <= 0 {
-		return
-	}
 	if sc, ok := c.Conn.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			c.rc, c.poll = rc, busypoll.New(w)
-		}
+		c.poll = busypoll.New(sc, w)
 	}
 }
 
@@ -140,7 +134,7 @@ func (c *limitedConn) Read(p []byte) (int, error) {
 	if c.poll == nil {
 		return c.Conn.Read(p)
 	}
-	return c.poll.Read(c.rc, p, c.Conn.Read)
+	return c.poll.Read(p, c.Conn.Read)
 }
 
 func (c *limitedConn) Write(p []byte) (int, error) {

@@ -29,8 +29,7 @@ import (
 // while replies can still be written.
 type blockingConn struct {
 	f             *os.File
-	rc            syscall.RawConn
-	poll          *busypoll.Poller
+	poll          *busypoll.Poller // nil: reads only block
 	local, remote net.Addr
 }
 
@@ -58,11 +57,7 @@ func blocking(nc net.Conn, poll time.Duration) (_ net.Conn, ok bool) {
 		return nc, false
 	}
 	bc := &blockingConn{f: os.NewFile(uintptr(fd), "nbd-conn"), local: nc.LocalAddr(), remote: nc.RemoteAddr()}
-	if poll > 0 {
-		if bc.rc, err = bc.f.SyscallConn(); err == nil {
-			bc.poll = busypoll.New(poll)
-		}
-	}
+	bc.poll = busypoll.New(bc.f, poll)
 	_ = nc.Close() // the dup keeps the socket open
 	return bc, true
 }
@@ -71,7 +66,7 @@ func (c *blockingConn) Read(b []byte) (int, error) {
 	if c.poll == nil {
 		return c.f.Read(b)
 	}
-	return c.poll.Read(c.rc, b, c.f.Read)
+	return c.poll.Read(b, c.f.Read)
 }
 func (c *blockingConn) Write(b []byte) (int, error) { return c.f.Write(b) }
 

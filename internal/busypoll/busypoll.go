@@ -33,36 +33,43 @@ const DefaultWindow = 100 * time.Microsecond
 // this many windows ago (data is flowing; the peer is likely mid-reply).
 const recentFactor = 20
 
-// Poller polls one socket. The zero value never polls. Not safe for
-// concurrent use: one reader per socket.
+// Poller polls one socket. A nil Poller never polls: its Read only
+// blocks. Not safe for concurrent use: one reader per socket.
 type Poller struct {
+	rc     syscall.RawConn
 	window time.Duration
 	last   time.Time // when data was last read
 }
 
-// New returns a Poller that polls for up to window (0: never). On a single
-// CPU it never polls: nothing could send the data while the poller holds
-// the only CPU, so each try would only hand it over and take it back.
-func New(window time.Duration) *Poller {
-	if runtime.NumCPU() < 2 {
-		window = 0
+// New returns a Poller for the socket behind sc that polls for up to
+// window, or nil (never poll) if window <= 0, if sc has no file
+// descriptor, or on a single CPU: nothing could send the data while the
+// poller holds the only CPU, so each try would only hand it over and take
+// it back.
+func New(sc syscall.Conn, window time.Duration) *Poller {
+	if window <= 0 || runtime.NumCPU() < 2 {
+		return nil
 	}
-	return &Poller{window: window}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &Poller{rc: rc, window: window}
 }
 
 // Polls reports whether p ever polls.
 func (p *Poller) Polls() bool { return p != nil && p.window > 0 }
 
-// Read reads into b from the socket behind rc: by polling while data is
-// flowing, and otherwise (or when the poll finds nothing) with block, the
-// socket's ordinary Read. EOF is io.EOF, as from a net.Conn.
-func (p *Poller) Read(rc syscall.RawConn, b []byte, block func([]byte) (int, error)) (int, error) {
+// Read reads into b from p's socket: by polling while data is flowing,
+// and otherwise (or when the poll finds nothing) with block, the socket's
+// ordinary Read. EOF is io.EOF, as from a net.Conn.
+func (p *Poller) Read(b []byte, block func([]byte) (int, error)) (int, error) {
 	if !p.Polls() || len(b) == 0 {
 		return block(b)
 	}
 	now := time.Now()
 	if now.Sub(p.last) < recentFactor*p.window {
-		n, err, got := p.poll(rc, b, now)
+		n, err, got := p.poll(b, now)
 		if got {
 			p.last = now // at most a window early: far inside recentFactor
 			return n, err
@@ -77,9 +84,9 @@ func (p *Poller) Read(rc syscall.RawConn, b []byte, block func([]byte) (int, err
 
 // poll tries a non-blocking receive until data comes or the window ends;
 // got is false when nothing came (nothing was consumed).
-func (p *Poller) poll(rc syscall.RawConn, b []byte, start time.Time) (n int, err error, got bool) {
+func (p *Poller) poll(b []byte, start time.Time) (n int, err error, got bool) {
 	deadline := start.Add(p.window)
-	cerr := rc.Read(func(fd uintptr) bool {
+	cerr := p.rc.Read(func(fd uintptr) bool {
 		for {
 			k, _, rerr := unix.Recvfrom(int(fd), b, unix.MSG_DONTWAIT)
 			switch {
